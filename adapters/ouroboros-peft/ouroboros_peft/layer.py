@@ -1,0 +1,114 @@
+"""`OuroborosDecoder`: the tuner layer that takes the place of a causal LM's decoder (`model.model`).
+
+With the adapter enabled it runs Prelude -> N modulated steps -> Coda through the core; disabled, it calls
+the original decoder untouched, so `disable_adapter()` gives exactly the full pretrained model.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from ouroboros_plugins import LayerPlan, OuroborosAdapter, run
+
+
+def ensure_slots(cache, num_slots: int) -> None:
+    """A cache made for the full model has one slot per original layer; Ouroboros needs prelude + N + coda."""
+    if getattr(cache, "layer_class_to_replicate", None) is None:
+        while len(cache.layers) < num_slots:
+            cache.layers.append(DynamicLayer())
+
+
+class OuroborosDecoder(nn.Module, BaseTunerLayer):
+    adapter_layer_names = ("ouroboros_adapter",)
+    other_param_names = ()
+
+    def __init__(self, base_layer: nn.Module, backbone):
+        super().__init__()
+        self.base_layer = base_layer
+        self.backbone = backbone
+        self.ouroboros_adapter = nn.ModuleDict()
+        self.plans: dict[str, LayerPlan] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)  # embed_tokens, config, layers, ... of the wrapped decoder
+
+    def add_adapter(self, adapter_name: str, adapter: OuroborosAdapter, plan: LayerPlan) -> None:
+        self.ouroboros_adapter[adapter_name] = adapter
+        self.plans[adapter_name] = plan
+        self.set_adapter(self.active_adapters)
+
+    def merge(self, *args, **kwargs):
+        raise NotImplementedError("Ouroboros modulation depends on the input; it cannot be merged into the base weights")
+
+    def active_ouroboros(self) -> Optional[str]:
+        if self.disable_adapters:
+            return None
+        active = [name for name in self.active_adapters if name in self.ouroboros_adapter]
+        if len(active) > 1:
+            raise ValueError(f"only one Ouroboros adapter can be active at a time, got {active}")
+        return active[0] if active else None
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values=None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        name = self.active_ouroboros()
+        if name is None:
+            return self.base_layer(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        decoder, backbone = self.base_layer, self.backbone
+        plan = self.plans[name]
+        if inputs_embeds is None:
+            inputs_embeds = backbone.embed(decoder, input_ids)
+        checkpointing = self.training and backbone.is_gradient_checkpointing(decoder)
+        if use_cache is None:
+            use_cache = bool(getattr(decoder.config, "use_cache", False)) and not checkpointing
+        if checkpointing:
+            use_cache = False  # recomputation must not write to a cache
+        cache = past_key_values if use_cache else None
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        if cache is not None:
+            ensure_slots(cache, plan.num_slots)
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("Ouroboros expects a 2-D attention_mask [batch, past + new] (1 = token, 0 = padding)")
+        hidden = run(
+            backbone,
+            decoder,
+            self.ouroboros_adapter[name],
+            plan,
+            inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            gradient_checkpointing=checkpointing,
+        )
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)

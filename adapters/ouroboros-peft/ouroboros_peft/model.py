@@ -1,0 +1,71 @@
+"""`OuroborosModel`: the PEFT tuner. Injection = surgery (plan the cut, SVD bases from the removed layers)
+plus wrapping the decoder in `OuroborosDecoder`. The base model's own weights are left as they are."""
+
+from __future__ import annotations
+
+from peft.tuners.tuners_utils import BaseTuner
+
+from ouroboros_plugins import build_adapter, check_fingerprint, find_backbone, fingerprint, plan_for
+
+from .layer import OuroborosDecoder
+from .registration import PREFIX
+
+
+def decoder_parent(model):
+    """(parent, attribute) holding the decoder: `model.model` for transformers causal LMs."""
+    attr = getattr(model, "base_model_prefix", None) or "model"
+    if not hasattr(model, attr):
+        raise ValueError(f"cannot find the decoder of {type(model).__name__} (expected attribute {attr!r})")
+    return model, attr
+
+
+class OuroborosModel(BaseTuner):
+    prefix = PREFIX
+    tuner_layer_cls = OuroborosDecoder
+    target_module_mapping: dict = {}
+
+    def _prepare_adapter_config(self, peft_config, model_config):
+        return peft_config
+
+    def _create_and_replace(self, *args, **kwargs):  # injection is whole-model surgery, see inject_adapter
+        raise NotImplementedError
+
+    def _check_target_module_exists(self, peft_config, key):
+        return False
+
+    def inject_adapter(self, model, adapter_name: str, autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        config = self.peft_config[adapter_name]
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        backbone = find_backbone(model_type)
+        parent, attr = decoder_parent(model)
+        wrapper = getattr(parent, attr)
+        decoder = wrapper.base_layer if isinstance(wrapper, OuroborosDecoder) else wrapper
+        plan = plan_for(backbone, model.config, decoder, config)
+        actual = fingerprint(backbone, model.config, decoder, plan)
+        if config.base_fingerprint is not None:
+            check_fingerprint(config.base_fingerprint, actual)
+        else:
+            config.base_fingerprint = actual
+        adapter, plan = build_adapter(backbone, model.config, decoder, config)
+        if not isinstance(wrapper, OuroborosDecoder):
+            wrapper = OuroborosDecoder(decoder, backbone)
+            setattr(parent, attr, wrapper)
+        wrapper.add_adapter(adapter_name, adapter, plan)
+        self.targeted_module_names.append(attr)
+        self._mark_only_adapters_as_trainable(model)
+        if config.inference_mode:
+            for p in adapter.parameters():
+                p.requires_grad = False
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """Checkpoint keys carry no adapter name: `...ouroboros_adapter.<name>.controller.mlp.0.weight` is saved
+        as `...ouroboros_adapter.controller.mlp.0.weight` (PEFT builds the load mapping from this same function)."""
+        return key.replace(f".ouroboros_adapter.{adapter_name}.", ".ouroboros_adapter.", 1)
+
+    def _mark_only_adapters_as_trainable(self, model) -> None:
+        for name, param in model.named_parameters():
+            param.requires_grad = ".ouroboros_adapter." in name and self.active_adapter_in(name)
+
+    def active_adapter_in(self, name: str) -> bool:
+        return any(f".ouroboros_adapter.{a}." in name for a in self.active_adapters)

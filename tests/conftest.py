@@ -1,0 +1,68 @@
+"""Tiny random models built from configs (no downloads). head_dim = 32 so vLLM's CPU backend can serve them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ARCHS = ("llama", "qwen2")
+
+
+def tiny_config(arch: str, attn: str = "sdpa", layers: int = 6, **overrides):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=96,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    common.update(overrides)
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    config = cls(**common)
+    config._attn_implementation = attn
+    return config
+
+
+def tiny_model(arch: str, seed: int = 0, attn: str = "sdpa", dtype=torch.float32, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, attn, **overrides), attn_implementation=attn)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+def ouro_config(**overrides):
+    from ouroboros_peft import OuroborosConfig
+
+    kw = dict(num_prelude_layers=1, num_coda_layers=1, num_steps=3, r=8)
+    kw.update(overrides)
+    return OuroborosConfig(**kw)
+
+
+def randomize_adapter(model, seed: int = 1, scale: float = 0.05):
+    """Move the zero-initialised heads/tables off zero so the modulation is non-trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ouroboros_adapter." in name and p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model

@@ -1,0 +1,150 @@
+"""The framework-neutral core on its own: bases, modulated projection, gate, pooling, Controller, spec."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ouroboros_plugins import Controller, Gate, OuroborosSpec, PoolState, StaticModulation, StepNorms, modulated_linear, pool, svd_bases
+
+
+def test_zero_modulation_is_exactly_the_base_projection():
+    torch.manual_seed(0)
+    base = nn.Linear(48, 40)
+    a, b = svd_bases([torch.randn(40, 48)], r=8)
+    x = torch.randn(3, 5, 48)
+    assert torch.equal(modulated_linear(base, x, a, b, torch.zeros(3, 5, 8), 2.0), base(x))
+    assert torch.equal(modulated_linear(base, x, a, b, None, 2.0), base(x))
+    # and a non-zero modulation really changes it, by exactly s * B (m * A x)
+    m = torch.randn(3, 5, 8)
+    expected = base(x) + 2.0 * ((x @ a.t()) * m) @ b.t()
+    torch.testing.assert_close(modulated_linear(base, x, a, b, m, 2.0), expected)
+
+
+def test_svd_bases_are_orthonormal_and_best_rank_r():
+    torch.manual_seed(0)
+    rec = torch.randn(64, 96)
+    removed = [torch.randn(64, 96) for _ in range(3)]
+    r = 10
+    a, b = svd_bases([w - rec for w in removed], r)
+    assert a.shape == (r, 96) and b.shape == (64, r)
+    torch.testing.assert_close(a @ a.t(), torch.eye(r), atol=1e-5, rtol=0)
+    mean = torch.stack([w - rec for w in removed]).mean(0)
+    s = torch.linalg.svdvals(mean)
+    # Eckart-Young: the residual of the best rank-r approximation has Frobenius norm sqrt(sum of the tail s^2)
+    err = torch.linalg.norm(mean - b @ a)
+    assert err.item() == pytest.approx(s[r:].pow(2).sum().sqrt().item(), rel=1e-4)
+    # B = U_r diag(s): its column norms are the leading singular values
+    torch.testing.assert_close(b.norm(dim=0), s[:r], rtol=1e-4, atol=1e-4)
+
+
+def test_svd_bases_computed_in_fp32_from_bf16_weights():
+    torch.manual_seed(0)
+    w = torch.randn(32, 40).to(torch.bfloat16)
+    a, b = svd_bases([w], 4)
+    assert a.dtype == torch.float32 and b.dtype == torch.float32
+
+
+@pytest.mark.parametrize("retention", [0.88, 0.5, 0.97])
+def test_gate_retention_at_init_for_any_input(retention):
+    spec = OuroborosSpec(gate_retention=retention)
+    gate = Gate(32, spec.gate_bias)
+    n, h = torch.randn(4, 7, 32) * 10, torch.randn(4, 7, 32) * 3
+    torch.testing.assert_close(1 - gate(n, h), torch.full((4, 7, 32), retention), atol=1e-6, rtol=0)
+    if retention == 0.88:
+        assert spec.gate_bias == pytest.approx(-1.992, abs=5e-4)
+
+
+def test_step_norms_have_a_row_per_step():
+    norms = StepNorms(3, 16, 1e-6)
+    with torch.no_grad():
+        norms.weight[1].fill_(2.0)
+    u = torch.randn(2, 4, 16)
+    out0, out1 = norms(u, 0), norms(u, 1)
+    torch.testing.assert_close(out1, 2 * out0)
+    torch.testing.assert_close(out0.pow(2).mean(-1), torch.ones(2, 4), rtol=1e-4, atol=1e-4)
+
+
+def test_causal_mean_pools_prefix_and_skips_padding():
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 8)
+    valid = torch.tensor([[True] * 5, [False, False, True, True, True]])
+    out = pool(h, "causal_mean", valid, 0)
+    torch.testing.assert_close(out[0, 3], h[0, :4].mean(0))
+    torch.testing.assert_close(out[1, 3], h[1, 2:4].mean(0))
+    torch.testing.assert_close(out[1, 4], h[1, 2:5].mean(0))
+    assert torch.isfinite(out).all()
+    tok = pool(h, "token", valid, 0)
+    assert torch.equal(tok, h)
+    seq = pool(h, "sequence_mean", valid, 0)
+    torch.testing.assert_close(seq[1, 0], h[1, 2:].mean(0))
+
+
+def test_causal_mean_state_carries_across_calls():
+    torch.manual_seed(0)
+    h = torch.randn(2, 9, 8)
+    full = pool(h, "causal_mean", None, 0)
+    state = PoolState()
+    parts = [pool(h[:, :5], "causal_mean", None, 0, state)]
+    for i in range(5, 9):
+        parts.append(pool(h[:, i : i + 1], "causal_mean", None, 0, state))
+    torch.testing.assert_close(torch.cat(parts, 1), full)
+
+
+def test_controller_starts_at_zero_and_static_too():
+    ctrl = Controller(32, ("q_proj", "v_proj"), r=4, rows=3, width=16, state_dim=24)
+    out = ctrl(torch.randn(2, 5, 32), 1)
+    assert set(out) == {"q_proj", "v_proj"}
+    assert all(v.shape == (2, 5, 4) and torch.count_nonzero(v) == 0 for v in out.values())
+    static = StaticModulation(("q_proj",), r=4, rows=3)
+    assert torch.count_nonzero(static(2)["q_proj"]) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(num_steps=0), "num_steps"),
+        (dict(r=0), "r must"),
+        (dict(gate_retention=1.0), "gate_retention"),
+        (dict(gate_retention=0.0), "gate_retention"),
+        (dict(target_modules=["q_proj", "wq"]), "target_modules"),
+        (dict(controller_pooling="max"), "controller_pooling"),
+        (dict(modulation="dynamic"), "modulation"),
+        (dict(num_prelude_layers=-1), "num_prelude_layers"),
+        (dict(max_steps=2, num_steps=4), "max_steps"),
+    ],
+)
+def test_spec_rejects_bad_fields(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        OuroborosSpec(**kwargs)
+
+
+SHAPES = {n: (128, 128) for n in ("q_proj", "o_proj")} | {n: (64, 128) for n in ("k_proj", "v_proj")} | {
+    "gate_proj": (256, 128), "up_proj": (256, 128), "down_proj": (128, 256)}
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(num_prelude_layers=3, num_coda_layers=3), "must be < the model's 6 layers"),
+        (dict(num_prelude_layers=2, num_coda_layers=3), "at least one removed layer"),
+        (dict(num_prelude_layers=2, num_coda_layers=2, recurrent_layer_index=1), "inside the prelude or coda"),
+        (dict(num_prelude_layers=2, num_coda_layers=2, recurrent_layer_index=4), "inside the prelude or coda"),
+        (dict(num_prelude_layers=1, num_coda_layers=1, r=65), "r=65 is larger"),
+    ],
+)
+def test_resolve_rejects_plans_that_do_not_fit(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        OuroborosSpec(**kwargs).resolve(6, SHAPES)
+
+
+def test_plan_slots():
+    plan = OuroborosSpec(num_prelude_layers=2, num_coda_layers=1, num_steps=5).resolve(8, SHAPES)
+    assert plan.prelude == (0, 1) and plan.coda == (7,)
+    assert plan.recurrent == 4 and plan.removed == (2, 3, 5, 6)
+    assert plan.num_slots == 2 + 5 + 1
+    assert [plan.step_slot(t) for t in range(5)] == [2, 3, 4, 5, 6] and plan.coda_slot(0) == 7
+    assert math.isclose(OuroborosSpec(r=8, lora_alpha=16).scale, 2.0)
