@@ -66,3 +66,22 @@ def randomize_adapter(model, seed: int = 1, scale: float = 0.05):
             if ".ouroboros_adapter." in name and p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * scale)
     return model
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny vocabulary: '<pad>' 0, '<s>' 1, '</s>' 2, '<unk>' 3, 'w4'..'w95'."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {f"w{i}": i for i in range(4, 96)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+def save_base(path, arch: str, seed: int = 0, **overrides):
+    """A tiny base model directory with tokenizer, as a user would have on disk."""
+    model = tiny_model(arch, seed=seed, **overrides)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return model

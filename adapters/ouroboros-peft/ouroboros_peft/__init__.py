@@ -1,14 +1,23 @@
 """PEFT integration of Ouroboros: `get_peft_model(model, OuroborosConfig(...))`.
 
 Importing this package registers the `OUROBOROS` PEFT type (PEFT has no plugin autoload: import it before
-`PeftModel.from_pretrained`).
+`PeftModel.from_pretrained`) and the exported `ouroboros` model type with transformers' Auto classes.
 """
 
 from .config import OuroborosConfig
 from .layer import OuroborosDecoder
 from .model import OuroborosModel
+from .modeling import OuroborosForCausalLM, OuroborosLMConfig, register_auto_classes
 from .registration import register
 
 register(OuroborosConfig, OuroborosModel)
+register_auto_classes()
 
-__all__ = ["OuroborosConfig", "OuroborosDecoder", "OuroborosModel"]
+__all__ = ["OuroborosConfig", "OuroborosDecoder", "OuroborosForCausalLM", "OuroborosLMConfig", "OuroborosModel", "export"]
+
+
+def export(*args, **kwargs):
+    """Write a standalone checkpoint; see `ouroboros_peft.export.export`."""
+    from .export import export as _export
+
+    return _export(*args, **kwargs)

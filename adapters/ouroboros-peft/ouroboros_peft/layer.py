@@ -11,17 +11,11 @@ from typing import Optional
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from ouroboros_plugins import LayerPlan, OuroborosAdapter, run
+from ouroboros_plugins import LayerPlan, OuroborosAdapter
 
-
-def ensure_slots(cache, num_slots: int) -> None:
-    """A cache made for the full model has one slot per original layer; Ouroboros needs prelude + N + coda."""
-    if getattr(cache, "layer_class_to_replicate", None) is None:
-        while len(cache.layers) < num_slots:
-            cache.layers.append(DynamicLayer())
+from .runtime import decode
 
 
 class OuroborosDecoder(nn.Module, BaseTunerLayer):
@@ -82,33 +76,17 @@ class OuroborosDecoder(nn.Module, BaseTunerLayer):
                 use_cache=use_cache,
                 **kwargs,
             )
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        decoder, backbone = self.base_layer, self.backbone
-        plan = self.plans[name]
-        if inputs_embeds is None:
-            inputs_embeds = backbone.embed(decoder, input_ids)
-        checkpointing = self.training and backbone.is_gradient_checkpointing(decoder)
-        if use_cache is None:
-            use_cache = bool(getattr(decoder.config, "use_cache", False)) and not checkpointing
-        if checkpointing:
-            use_cache = False  # recomputation must not write to a cache
-        cache = past_key_values if use_cache else None
-        if use_cache and cache is None:
-            cache = DynamicCache()
-        if cache is not None:
-            ensure_slots(cache, plan.num_slots)
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError("Ouroboros expects a 2-D attention_mask [batch, past + new] (1 = token, 0 = padding)")
-        hidden = run(
-            backbone,
-            decoder,
+        hidden, cache = decode(
+            self.backbone,
+            self.base_layer,
             self.ouroboros_adapter[name],
-            plan,
-            inputs_embeds,
+            self.plans[name],
+            training=self.training,
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
-            gradient_checkpointing=checkpointing,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
         )
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache)

@@ -9,6 +9,7 @@ from ouroboros_plugins import build_adapter, check_fingerprint, find_backbone, f
 
 from .layer import OuroborosDecoder
 from .registration import PREFIX
+from .runtime import refuse_non_causal_generation
 
 
 def decoder_parent(model):
@@ -56,6 +57,12 @@ class OuroborosModel(BaseTuner):
         if config.inference_mode:
             for p in adapter.parameters():
                 p.requires_grad = False
+
+    def generate(self, *args, **kwargs):
+        """`PeftModelForCausalLM.generate` lands here; refuse non-causal pooling before any work."""
+        for name in self.active_adapters:
+            refuse_non_causal_generation(self.peft_config[name])
+        return self.model.generate(*args, **kwargs)
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:

@@ -1,0 +1,126 @@
+"""`ouroboros export`: base model + Ouroboros adapter -> one standalone checkpoint directory.
+
+Everything is checked before any work starts, the checkpoint is written to a temporary directory beside
+OUT_DIR and renamed into place at the end, so a failed export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from .config import WEIGHTS_NAME, check_weights_file
+from .modeling import ARCHITECTURE, SPEC_FIELDS, OuroborosLMConfig
+
+DROP_KEYS = ("architectures", "model_type", "_name_or_path", "transformers_version", "auto_map", "num_hidden_layers", "layer_types")
+
+
+def check_inputs(base_dir: Path, adapter_dir: Path, out_dir: Path, overwrite: bool) -> dict:
+    if not (base_dir / "config.json").is_file():
+        raise FileNotFoundError(f"base model directory {base_dir} has no config.json")
+    cfg_path = adapter_dir / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"adapter directory {adapter_dir} has no adapter_config.json")
+    adapter_cfg = json.loads(cfg_path.read_text())
+    if adapter_cfg.get("peft_type") != "OUROBOROS":
+        raise ValueError(f"{adapter_dir} is not an Ouroboros adapter (peft_type={adapter_cfg.get('peft_type')!r})")
+    check_weights_file(str(adapter_dir / WEIGHTS_NAME))
+    if not any((base_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise FileNotFoundError(f"no tokenizer in {base_dir} (expected tokenizer.json, tokenizer.model or vocab.json)")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
+    return adapter_cfg
+
+
+def exported_state_dict(peft_model) -> tuple:
+    """(tensors, full base config, OuroborosSpec, LayerPlan) for the active adapter of a PEFT-wrapped model."""
+    causal_lm = peft_model.base_model.model
+    wrapper = causal_lm.model
+    name = wrapper.active_ouroboros()
+    if name is None:
+        raise ValueError("the model has no active Ouroboros adapter")
+    decoder, adapter, plan = wrapper.base_layer, wrapper.ouroboros_adapter[name], wrapper.plans[name]
+    tensors = {f"model.embed_tokens.{k}": v for k, v in decoder.embed_tokens.state_dict().items()}
+    for new, old in enumerate(plan.prelude + (plan.recurrent,) + plan.coda):
+        tensors.update({f"model.layers.{new}.{k}": v for k, v in decoder.layers[old].state_dict().items()})
+    tensors.update({f"model.norm.{k}": v for k, v in decoder.norm.state_dict().items()})
+    if not causal_lm.config.tie_word_embeddings:
+        tensors["lm_head.weight"] = causal_lm.lm_head.weight
+    tensors.update({f"ouroboros.{k}": v for k, v in adapter.state_dict().items()})
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    return tensors, causal_lm.config, adapter.spec, plan
+
+
+def exported_config(base_config, spec, plan) -> OuroborosLMConfig:
+    fields = {k: v for k, v in base_config.to_dict().items() if k not in DROP_KEYS}
+    kept = plan.prelude + (plan.recurrent,) + plan.coda
+    layer_types = getattr(base_config, "layer_types", None)
+    if layer_types:
+        fields["layer_types"] = [layer_types[i] for i in kept]
+    fields.update({name: getattr(spec, name) for name in SPEC_FIELDS})
+    fields["recurrent_layer_index"] = plan.recurrent  # its index in the original model, for provenance
+    fields["max_steps"] = spec.rows  # the per-step tables' size: the deepest recurrence this checkpoint can run
+    config = OuroborosLMConfig(
+        base_model_type=base_config.model_type,
+        original_num_hidden_layers=base_config.num_hidden_layers,
+        num_hidden_layers=len(kept),
+        **fields,
+    )
+    config.architectures = [ARCHITECTURE]
+    return config
+
+
+def export(base_dir, adapter_dir, out_dir, overwrite: bool = False, dtype=None) -> Path:
+    """Write config.json, model.safetensors, generation_config.json and the tokenizer files to `out_dir`."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    import ouroboros_peft  # noqa: F401  (registers the PEFT type)
+
+    base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
+    check_inputs(base_dir, adapter_dir, out_dir, overwrite)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype or "auto")
+    peft_model = PeftModel.from_pretrained(base, adapter_dir)  # refuses an adapter made for another base
+    tensors, base_config, spec, plan = exported_state_dict(peft_model)
+    config = exported_config(base_config, spec, plan)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        config.save_pretrained(tmp)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        try:
+            generation = GenerationConfig.from_pretrained(base_dir)
+        except OSError:
+            generation = GenerationConfig.from_model_config(base_config)
+        generation.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_exported(path, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained` for an exported directory (after registering the classes)."""
+    from transformers import AutoModelForCausalLM
+
+    import ouroboros_peft  # noqa: F401
+
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+

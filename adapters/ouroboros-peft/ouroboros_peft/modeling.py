@@ -1,0 +1,151 @@
+"""The standalone exported model: `OuroborosForCausalLM`, registered with transformers' Auto classes when
+`ouroboros_peft` is imported (no trust_remote_code).
+
+Checkpoint layout (model.safetensors), names matching the base family's own keys so other loaders map them 1:1:
+    model.embed_tokens.weight, model.layers.{0..P+C}.* (prelude 0..P-1, recurrent P, coda P+1..P+C),
+    model.norm.weight, lm_head.weight (absent when tied), ouroboros.* (bases, controller/static, norms, gate)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+from ouroboros_plugins import LayerPlan, OuroborosAdapter, OuroborosSpec, find_backbone
+
+from .runtime import decode, refuse_non_causal_generation
+
+MODEL_TYPE = "ouroboros"
+ARCHITECTURE = "OuroborosForCausalLM"  # distinct from vLLM's OuroForCausalLM (another looped model)
+SPEC_FIELDS = tuple(OuroborosSpec.__dataclass_fields__)
+
+
+class OuroborosLMConfig(PretrainedConfig):
+    """The base model's config fields (flat, with num_hidden_layers = P + 1 + C physical layers), plus
+    `base_model_type`, `original_num_hidden_layers` and every `OuroborosSpec` field."""
+
+    model_type = MODEL_TYPE
+
+    def __init__(self, base_model_type: str = "llama", original_num_hidden_layers: Optional[int] = None, **kwargs):
+        self.base_model_type = base_model_type
+        self.original_num_hidden_layers = original_num_hidden_layers
+        defaults = OuroborosSpec()
+        for name in SPEC_FIELDS:
+            setattr(self, name, kwargs.pop(name, getattr(defaults, name)))
+        super().__init__(**kwargs)
+
+    def spec(self) -> OuroborosSpec:
+        return OuroborosSpec(**{name: getattr(self, name) for name in SPEC_FIELDS})
+
+
+def exported_plan(spec: OuroborosSpec) -> LayerPlan:
+    p, c = spec.num_prelude_layers, spec.num_coda_layers
+    return LayerPlan(
+        num_layers=p + 1 + c,
+        prelude=tuple(range(p)),
+        recurrent=p,
+        removed=(),
+        coda=tuple(range(p + 1, p + 1 + c)),
+        num_steps=spec.num_steps,
+    )
+
+
+class OuroborosForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = OuroborosLMConfig
+    base_model_prefix = "model"
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = False
+    _no_split_modules = ["LlamaDecoderLayer", "Qwen2DecoderLayer"]
+
+    def __init__(self, config: OuroborosLMConfig):
+        super().__init__(config)
+        spec = config.spec()
+        expected = spec.num_prelude_layers + 1 + spec.num_coda_layers
+        if config.num_hidden_layers != expected:
+            raise ValueError(
+                f"config has num_hidden_layers={config.num_hidden_layers} but prelude ({spec.num_prelude_layers}) + "
+                f"recurrent (1) + coda ({spec.num_coda_layers}) = {expected}"
+            )
+        self.backbone = find_backbone(config.base_model_type)
+        base_cls = MODEL_MAPPING[CONFIG_MAPPING[config.base_model_type]]
+        self.model = base_cls(config)  # shares this config: same fields, same attention implementation
+        recurrent = self.model.layers[spec.num_prelude_layers]
+        shapes = self.backbone.projection_shapes(recurrent)
+        self.ouroboros = OuroborosAdapter(spec, config.hidden_size, shapes, self.backbone.rms_eps(config))
+        self.plan = exported_plan(spec)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _init_weights(self, module):
+        if any(module is m for m in self.ouroboros.modules()):
+            return  # the adapter initialises itself (zero heads, gate bias); its values come from the checkpoint
+        super()._init_weights(module)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Strict load: a checkpoint with missing or extra tensors, or a depth its per-step tables cannot
+        serve, is refused with the names of what is wrong."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        tied = set(cls._tied_weights_keys) if model.config.tie_word_embeddings else set()
+        missing = sorted(set(info.get("missing_keys", ())) - tied)
+        unexpected = sorted(info.get("unexpected_keys", ()))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match OuroborosForCausalLM: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        return (model, info) if want_info else model
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values=None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        hidden, cache = decode(
+            self.backbone,
+            self.model,
+            self.ouroboros,
+            self.plan,
+            training=self.training,
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+
+    def generate(self, *args, **kwargs):
+        refuse_non_causal_generation(self.ouroboros.spec)
+        return super().generate(*args, **kwargs)
+
+
+def register_auto_classes() -> None:
+    """Idempotent: `AutoConfig` / `AutoModelForCausalLM` learn the `ouroboros` model type."""
+    try:
+        AutoConfig.register(MODEL_TYPE, OuroborosLMConfig)
+    except ValueError:
+        pass  # already registered in this process
+    try:
+        AutoModelForCausalLM.register(OuroborosLMConfig, OuroborosForCausalLM)
+    except ValueError:
+        pass
