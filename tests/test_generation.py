@@ -157,3 +157,18 @@ def test_kv_cache_holds_prelude_plus_steps_plus_coda_slots(steps):
     head_dim = config.hidden_size // config.num_attention_heads
     assert per_token == (2 + steps + 1) * 2 * config.num_key_value_heads * head_dim * 4
     assert all(layer.keys.shape[2] == 7 for layer in filled)
+
+
+def test_depth_can_be_changed_at_evaluation_time():
+    model = peft_ouroboros("llama", num_steps=2, max_steps=4)
+    wrapper = model.base_model.model.model
+    ids = prompts(1, 6)
+    with torch.no_grad():
+        two = model(ids).logits
+        wrapper.set_num_steps(4)
+        four = model(ids).logits
+        cache = model(ids, use_cache=True).past_key_values
+    assert not torch.allclose(two, four)
+    assert sum(1 for layer in cache.layers if getattr(layer, "keys", None) is not None and layer.keys.numel()) == 1 + 4 + 1
+    with pytest.raises(ValueError, match="num_steps must be an integer in 1..4"):
+        wrapper.set_num_steps(5)

@@ -6,6 +6,7 @@ the original decoder untouched, so `disable_adapter()` gives exactly the full pr
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -43,6 +44,14 @@ class OuroborosDecoder(nn.Module, BaseTunerLayer):
         self.ouroboros_adapter[adapter_name] = adapter
         self.plans[adapter_name] = plan
         self.set_adapter(self.active_adapters)
+
+    def set_num_steps(self, num_steps: int, adapter_name: str = "default") -> None:
+        """Change the recurrence depth at evaluation time. The per-step tables have `max_steps` rows
+        (default: the trained depth), so only depths up to that are possible."""
+        rows = self.ouroboros_adapter[adapter_name].spec.rows
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= rows:
+            raise ValueError(f"num_steps must be an integer in 1..{rows} (the adapter's per-step tables have {rows} rows), got {num_steps!r}")
+        self.plans[adapter_name] = dataclasses.replace(self.plans[adapter_name], num_steps=num_steps)
 
     def merge(self, *args, **kwargs):
         raise NotImplementedError("Ouroboros modulation depends on the input; it cannot be merged into the base weights")
