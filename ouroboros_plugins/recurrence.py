@@ -50,6 +50,33 @@ class Gate(nn.Module):
         return torch.sigmoid(self.proj(torch.cat([n, h.to(n.dtype)], dim=-1)))
 
 
+class CodaLoRA(nn.Module):
+    """Optional trainable LoRA on the coda layers: y = W x + B (A x) per projection, A [r, d_in] random, B [d_out, r]
+    zero, so training starts from the frozen coda. Parameters `layers.<k>.<proj>_A/_B`, k = position in the coda."""
+
+    def __init__(self, num_layers: int, shapes: dict[str, tuple[int, int]], r: int):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        for _ in range(num_layers):
+            layer = nn.Module()
+            for name, (d_out, d_in) in shapes.items():
+                a = nn.Parameter(torch.empty(r, d_in))
+                nn.init.normal_(a, std=d_in**-0.5)
+                layer.register_parameter(f"{name}_A", a)
+                layer.register_parameter(f"{name}_B", nn.Parameter(torch.zeros(d_out, r)))
+            self.layers.append(layer)
+
+    def projector(self, k: int):
+        layer = self.layers[k]
+
+        def proj(name: str, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+            y = module(x)
+            a, b = getattr(layer, f"{name}_A"), getattr(layer, f"{name}_B")
+            return y + ((x.to(a.dtype) @ a.t()) @ b.t()).to(y.dtype)
+
+        return proj
+
+
 class OuroborosAdapter(nn.Module):
     """All Ouroboros state for one adapter. Trainable parameters are fp32 whatever the base dtype; the SVD
     bases are frozen fp32 buffers (saved with the adapter: the layers they come from are dropped)."""
@@ -67,6 +94,8 @@ class OuroborosAdapter(nn.Module):
             self.norms = StepNorms(spec.rows, hidden_size, rms_eps)
             if spec.use_gate:
                 self.gate = Gate(hidden_size, spec.gate_bias)
+            if spec.coda_lora_r:
+                self.coda_lora = CodaLoRA(spec.num_coda_layers, shapes, spec.coda_lora_r)
 
     @torch.no_grad()
     def init_bases(self, recurrent: dict[str, torch.Tensor], removed: list[dict[str, torch.Tensor]]) -> None:
@@ -90,6 +119,10 @@ class OuroborosAdapter(nn.Module):
             return modulated_linear(module, x, a, b, m[name], scale)
 
         return proj
+
+    def coda_projector(self, k: int):
+        """Projection function for coda layer k (None = the plain frozen layer)."""
+        return self.coda_lora.projector(k) if self.spec.coda_lora_r else None
 
     def update(self, u: torch.Tensor, h: torch.Tensor, step: int) -> torch.Tensor:
         n = self.norms(u, step)
@@ -146,8 +179,10 @@ def run(
     def inputs(slot: int) -> AttentionInputs:
         return AttentionInputs(cos, sin, mask, implementation, cache, slot, dropout)
 
-    def plain(layer, slot, h):
-        return backbone.run_layer(layer, h, inputs(slot))
+    def plain(layer, slot, h, proj=None):
+        if proj is None:
+            return backbone.run_layer(layer, h, inputs(slot))
+        return backbone.run_layer(layer, h, inputs(slot), proj)
 
     h = inputs_embeds
     for i, index in enumerate(plan.prelude):
@@ -172,8 +207,9 @@ def run(
         h = checkpoint(partial(step, t), h, use_reentrant=False) if use_checkpoint else step(t, h)
 
     for k, index in enumerate(plan.coda):
+        proj = adapter.coda_projector(k)
         if use_checkpoint:
-            h = checkpoint(partial(plain, layers[index], plan.coda_slot(k)), h, use_reentrant=False)
+            h = checkpoint(partial(plain, layers[index], plan.coda_slot(k), proj=proj), h, use_reentrant=False)
         else:
-            h = plain(layers[index], plan.coda_slot(k), h)
+            h = plain(layers[index], plan.coda_slot(k), h, proj)
     return backbone.final_norm(decoder, h)

@@ -153,7 +153,7 @@ def test_export_into_a_non_empty_directory_needs_overwrite(dirs, tmp_path):
 
 
 def test_a_failed_export_leaves_nothing_half_written(dirs, tmp_path, monkeypatch):
-    import ouroboros_peft.export as mod
+    import ouroboros_peft.exporting as mod
 
     def boom(*args, **kwargs):
         raise OSError("disk full")

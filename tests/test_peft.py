@@ -326,3 +326,16 @@ def test_hf_trainer_trains_it(tmp_path):
         if not torch.equal(p, before[n]):
             assert ".ouroboros_adapter." in n, f"frozen parameter {n} moved"
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if ".controller." in n)
+
+
+def test_transformers_load_adapter_restores_the_trained_values(tmp_path):
+    """`model.load_adapter(dir)` (transformers' PEFT integration) must load every tensor, not leave them at init."""
+    model = randomize_adapter(get_peft_model(tiny_model("qwen2"), ouro_config()))
+    model.save_pretrained(tmp_path)
+    ids = ids_for()
+    with torch.no_grad():
+        expected = model(ids).logits
+    plain = tiny_model("qwen2")
+    plain.load_adapter(str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, expected)

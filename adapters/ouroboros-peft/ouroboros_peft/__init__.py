@@ -5,6 +5,7 @@ Importing this package registers the `OUROBOROS` PEFT type (PEFT has no plugin a
 """
 
 from .config import OuroborosConfig
+from .exporting import export
 from .layer import OuroborosDecoder
 from .model import OuroborosModel
 from .modeling import OuroborosForCausalLM, OuroborosLMConfig, register_auto_classes
@@ -15,9 +16,3 @@ register_auto_classes()
 
 __all__ = ["OuroborosConfig", "OuroborosDecoder", "OuroborosForCausalLM", "OuroborosLMConfig", "OuroborosModel", "export"]
 
-
-def export(*args, **kwargs):
-    """Write a standalone checkpoint; see `ouroboros_peft.export.export`."""
-    from .export import export as _export
-
-    return _export(*args, **kwargs)

@@ -266,7 +266,7 @@ def evaluate(
         del peft_model
 
     arm_names = ["full", "pruned"] + list(resolved)
-    results = {"model": str(base if base != "default" else "default:" + base_dir.name), "arms": {}}
+    results = {"model": base_dir.name, "arms": {}}  # the model folder's name; its full path is in details.json
     for name in arm_names:
         train_tokens = int(resolved[name]["summary"].get("train_tokens", 0)) if name in resolved else 0
         results["arms"][name] = {
@@ -296,13 +296,13 @@ def evaluate(
     if extra_details:
         details.update(extra_details)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(out_dir / "results.json", results)
-    _write_json_atomic(out_dir / "details.json", details)
+    _write_json_atomic(out_dir / "results.json", results, sort_keys=False)
+    _write_json_atomic(out_dir / "details.json", details, sort_keys=False)
     table = markdown_table(results, details)
     _write_text_atomic(out_dir / "results.md", table)
     if plots:
         details["plots"] = write_plots(out_dir, resolved, results, diag)
-        _write_json_atomic(out_dir / "details.json", details)
+        _write_json_atomic(out_dir / "details.json", details, sort_keys=False)
     return results
 
 
@@ -367,10 +367,13 @@ def write_plots(out_dir: Path, resolved: Mapping[str, dict], results: dict, diag
     axes[0].set_xlabel("training tokens")
     axes[0].set_ylabel("next-token NLL")
     axes[0].legend(fontsize=8)
+    max_tokens = max((x["tokens"] for r in resolved.values() for x in r["log"] if x.get("kind") == "train"), default=0)
     for ax, c in zip(axes[1:], corpora):
+        if max_tokens:
+            ax.set_xlim(0, max_tokens * 1.05)
         for ref, style in (("full", "--"), ("pruned", "-.")):
             ax.axhline(results["arms"][ref]["heldout"][c]["nll"], color="gray", ls=style, lw=1, label=ref)
-        ax.set_title(f"held-out {c}")
+        ax.set_title(f"held-out {c} (dotted: after training)")
         ax.set_xlabel("training tokens")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -390,6 +393,7 @@ def write_plots(out_dir: Path, resolved: Mapping[str, dict], results: dict, diag
         axes[1].set_title("modulation norm ||m_t|| (mean over tokens)")
         for ax in axes:
             ax.set_xlabel("recurrence step")
+            ax.xaxis.get_major_locator().set_params(integer=True)
             ax.legend(fontsize=8)
         fig.tight_layout()
         path = out_dir / "recurrence.png"

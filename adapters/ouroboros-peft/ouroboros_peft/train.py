@@ -53,6 +53,7 @@ __all__ = [
     "depth_at",
     "batch_at",
     "text_token_stream",
+    "calibrate_step_norms",
     "peak_rss_mb",
 ]
 
@@ -91,6 +92,21 @@ class TrainConfig:
     seed: int = 0
     depth_range: Optional[tuple] = field(default=None, metadata={"help": "(lo, hi): sample the depth per update; None = adapter num_steps"})
     bf16: bool = False
+    label_offset: int = field(
+        default=1,
+        metadata={"help": "1 = predict the next token (correct). 2 reproduces the reference implementation's labels shifted "
+                  "twice (predicting two tokens ahead); for the paper-faithful comparison only"},
+    )
+    pure_bf16: bool = field(
+        default=False,
+        metadata={"help": "run everything, trainable parameters and optimizer included, in bf16 (the reference's setup; "
+                  "for comparison only). Default: fp32 trainables"},
+    )
+    calibrate_norms: bool = field(
+        default=True,
+        metadata={"help": "before training, set each per-step norm row to the median RMS of that step's layer output on the "
+                  "first batch (instead of 1), so the recurrence starts at the hidden-state scale the coda expects"},
+    )
     eval_every: int = 0
     eval_chunks: int = 8
     eval_corpora: tuple = ("indist", "wikipedia", "reddit")
@@ -123,6 +139,8 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip!r}")
+        if self.label_offset not in (1, 2):
+            raise ValueError(f"label_offset must be 1 (next token) or 2 (the reference's double shift), got {self.label_offset!r}")
         if self.depth_range is not None:
             lo, hi = self.depth_range
             if lo < 1 or hi < lo:
@@ -303,6 +321,48 @@ def _heldout_chunks(cfg: TrainConfig, vocab_size: int) -> dict:
     return out
 
 
+@torch.no_grad()
+def calibrate_step_norms(model, ids: torch.Tensor) -> list:
+    """Set every row t of the per-step RMSNorm weight to the median (over tokens) RMS of the recurrent layer's
+    output u_t, computed step by step on `ids` at the deepest depth the tables allow. RMSNorm with unit weight
+    rescales the residual stream to RMS 1 (SmolLM2's mid-layer stream has RMS ~5-7), which the coda never saw;
+    this keeps n_t ~ u_t at the start. Returns the values set. Uses no randomness."""
+    wrapper = model.base_model.model.model
+    name = wrapper.active_ouroboros()
+    adapter, plan = wrapper.ouroboros_adapter[name], wrapper.plans[name]
+    rows = adapter.norms.weight.shape[0]
+    original = adapter.update
+    values = []
+
+    def update(u, h, step):
+        rms = u.float().pow(2).mean(-1).sqrt()
+        values.append(float(rms.median()))
+        adapter.norms.weight[step].fill_(values[-1])
+        return original(u, h, step)
+
+    was_training = model.training
+    adapter.update = update
+    wrapper.plans[name] = dataclasses.replace(plan, num_steps=rows)
+    try:
+        model.eval()
+        model(input_ids=ids)
+    finally:
+        del adapter.update
+        wrapper.plans[name] = plan
+        model.train(was_training)
+    return values
+
+
+def _labels(ids: torch.Tensor, offset: int) -> torch.Tensor:
+    """Labels for the transformers causal-LM loss, which shifts by one itself: the ids unchanged (offset 1), or
+    pre-shifted once more (offset 2, the reference implementation's bug: the target is two tokens ahead)."""
+    if offset == 1:
+        return ids
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    return labels
+
+
 def _check_against_model(cfg: TrainConfig, model) -> None:
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and cfg.seq_len > limit:
@@ -314,11 +374,11 @@ def _check_against_model(cfg: TrainConfig, model) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _write_json_atomic(path: Path, data) -> None:
+def _write_json_atomic(path: Path, data, sort_keys: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+        json.dump(data, f, indent=2, sort_keys=sort_keys)
         f.write("\n")
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
@@ -504,17 +564,22 @@ def train(
     if not resume and run.exists():
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
+    latest = run / "latest.json"
+    resuming_from_checkpoint = resume and latest.is_file()
+    if cfg.calibrate_norms and not resuming_from_checkpoint:  # a checkpoint brings its own (trained) norms
+        calibrate_step_norms(model, batch_at(stream, 0, cfg.batch_size, cfg.seq_len, cfg.seed))
+    if cfg.pure_bf16:
+        model.to(torch.bfloat16)
     named = _trainable(model)
     params = [p for _, p in named]
-    if any(p.dtype != torch.float32 for p in params):
+    if not cfg.pure_bf16 and any(p.dtype != torch.float32 for p in params):
         raise RuntimeError("trainable parameters must be fp32")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=False)
 
     start_update, position, elapsed_before = 0, 0, 0.0
     last_ckpt: Optional[Path] = None
     if resume:
-        latest = run / "latest.json"
-        if latest.is_file():
+        if resuming_from_checkpoint:
             last_ckpt = run / json.loads(latest.read_text())["checkpoint"]
             state = _load_checkpoint(last_ckpt, named, optimizer)
             start_update, position, elapsed_before = state["update"], state["position"], state["elapsed_s"]
@@ -558,7 +623,7 @@ def train(
                 ids = batch_at(stream, position, cfg.batch_size, cfg.seq_len, cfg.seed)
                 position += cfg.batch_size
                 with autocast:
-                    loss = model(input_ids=ids, labels=ids).loss
+                    loss = model(input_ids=ids, labels=_labels(ids, cfg.label_offset)).loss
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise TrainingDiverged(

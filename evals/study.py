@@ -1,0 +1,147 @@
+"""The study (longer than the demo, not run in CI): the paper's comparisons at small scale on SmolLM2-135M.
+
+Every experiment trains its arms one after another with the same budget and data, then evaluates them together
+(full and pruned references included) with `ouroboros_peft.evaluate.evaluate`. Outputs:
+    <out>/<experiment>/<arm>/            training runs (log.jsonl, checkpoints, adapter/, summary.json)
+    <out>/<experiment>/eval/             results.json, details.json, results.md, plots
+    evals/results/<experiment>.json      results.json (schema of `ouroboros eval`), when --save is given
+    evals/results/<experiment>.details.json  details + the exact command
+
+Experiments
+    headline    controller, static, no_gate at the default split (7 + layer 15 + 7, depth 4, r 32)
+    depth_rank  controller (and static with --with-static) at depth {1,4,8,16} x rank {8,32,64}
+    pooling     controller with causal_mean / token / sequence_mean pooling
+    faithful    the reference implementation's setup (labels shifted twice, pure bf16, sequence_mean pooling,
+                unit norm init) beside the corrected controller
+    coda        controller with and without a trainable coda LoRA (rank 8)
+    lr          controller at lr {5e-4, 1e-3, 2e-3, 4e-3}
+
+Example (the headline at the anchors' budget, 221 updates of 4 x 256 tokens):
+    python evals/study.py headline --updates 221 --batch-size 4 --chunks 64 --save
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+SPLIT = dict(num_prelude_layers=7, num_coda_layers=7, recurrent_layer_index=15, num_steps=4, r=32)
+
+
+def experiments(with_static: bool) -> dict:
+    """experiment -> {arm: (adapter overrides, training overrides)}"""
+    depth_rank = {}
+    for depth in (1, 4, 8, 16):
+        for rank in (8, 32, 64):
+            depth_rank[f"controller_d{depth}_r{rank}"] = (dict(num_steps=depth, r=rank), {})
+            if with_static:
+                depth_rank[f"static_d{depth}_r{rank}"] = (dict(num_steps=depth, r=rank, modulation="static"), {})
+    return {
+        "headline": {
+            "controller": ({}, {}),
+            "static": (dict(modulation="static"), {}),
+            "no_gate": (dict(use_gate=False), {}),
+        },
+        "depth_rank": depth_rank,
+        "pooling": {
+            "controller": ({}, {}),
+            "controller_token": (dict(controller_pooling="token"), {}),
+            "controller_sequence_mean": (dict(controller_pooling="sequence_mean"), {}),
+        },
+        "faithful": {
+            "controller": ({}, {}),
+            "controller_reference": (dict(controller_pooling="sequence_mean"),
+                                     dict(label_offset=2, pure_bf16=True, calibrate_norms=False)),
+            "controller_unit_norm_init": ({}, dict(calibrate_norms=False)),
+        },
+        "coda": {
+            "controller": ({}, {}),
+            "controller_coda_r8": (dict(coda_lora_r=8), {}),
+        },
+        "lr": {f"controller_lr{lr:g}": ({}, dict(lr=lr)) for lr in (5e-4, 1e-3, 2e-3, 4e-3)},
+    }
+
+
+def log(msg: str) -> None:
+    print(f"[study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("experiment", choices=sorted(experiments(False)))
+    ap.add_argument("--out", default="runs/study")
+    ap.add_argument("--arms", default=None, help="comma-separated subset of the experiment's arms")
+    ap.add_argument("--updates", type=int, default=221)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chunks", type=int, default=64, help="held-out chunks per corpus for the final evaluation")
+    ap.add_argument("--eval-every", type=int, default=0, help="periodic held-out evaluation during training (0 = off)")
+    ap.add_argument("--eval-chunks", type=int, default=4)
+    ap.add_argument("--with-static", action="store_true", help="depth_rank: also train the static arm at every point")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--resume", action="store_true", help="continue interrupted arms, skip finished ones")
+    ap.add_argument("--save", action="store_true", help="copy the results to evals/results/<experiment>.json (+ .details.json)")
+    ap.add_argument("--save-as", default=None, help="name under evals/results/ instead of the experiment's")
+    args = ap.parse_args(argv)
+
+    from ouroboros_peft.default_model import default_model_dir
+    from ouroboros_peft.evaluate import evaluate, markdown_table
+    from ouroboros_peft.train import TrainConfig, train
+
+    arms = experiments(args.with_static)[args.experiment]
+    if args.arms:
+        wanted = [a.strip() for a in args.arms.split(",") if a.strip()]
+        unknown = [a for a in wanted if a not in arms]
+        if unknown:
+            ap.error(f"unknown arms {unknown} for {args.experiment}: {list(arms)}")
+        arms = {a: arms[a] for a in wanted}
+    model_dir = default_model_dir()
+    root = Path(args.out) / args.experiment
+    command = "python evals/study.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    t0 = time.perf_counter()
+    runs, step_s = {}, {}
+    for arm, (adapter_over, train_over) in arms.items():
+        run = root / arm
+        values = dict(base=str(model_dir), out=str(run), adapter={**SPLIT, **adapter_over}, max_updates=args.updates,
+                      batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, seed=args.seed,
+                      eval_every=args.eval_every, eval_chunks=args.eval_chunks, checkpoint_every=25, threads=args.threads)
+        values.update(train_over)
+        cfg = TrainConfig(**values)
+        if args.resume and (run / "summary.json").is_file():
+            log(f"{arm}: finished earlier, kept")
+        else:
+            resume = args.resume and (run / "latest.json").is_file()
+            log(f"{arm}: {'resuming' if resume else 'training'} {cfg.max_updates} updates x {cfg.tokens_per_update} tokens")
+            train(cfg, overwrite=True, resume=resume)
+        summary = json.loads((run / "summary.json").read_text())
+        runs[arm], step_s[arm] = str(run), summary["step_s_mean"]
+        log(f"{arm}: {summary['train_tokens']:,} tokens, {summary['wall_s']:.0f}s, {summary['step_s_mean']:.1f} s/update, "
+            f"final train loss {summary['final_train_loss']:.3f}")
+    extra = {"study": {"experiment": args.experiment, "command": command, "updates": args.updates,
+                       "tokens_per_update": 256 * args.batch_size * args.grad_accum, "lr": args.lr, "step_s_mean": step_s,
+                       "train_wall_s": time.perf_counter() - t0}}
+    if "controller" in step_s and "static" in step_s:
+        extra["study"]["controller_over_static_step_time"] = step_s["controller"] / step_s["static"]
+    results = evaluate(str(model_dir), runs, str(root / "eval"), n_chunks=args.chunks, overwrite=True,
+                       reuse_reference=True, extra_details=extra)
+    details = json.loads((root / "eval" / "details.json").read_text())
+    print(markdown_table(results, details))
+    if args.save:
+        name = args.save_as or args.experiment
+        dest = Path(__file__).resolve().parent / "results"
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / f"{name}.json").write_text((root / "eval" / "results.json").read_text())
+        (dest / f"{name}.details.json").write_text(json.dumps(details, indent=2) + "\n")
+        log(f"saved evals/results/{name}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
