@@ -219,6 +219,10 @@ def markdown(report: dict) -> str:
     head += [c.replace("ouro_bigbench_", "") + " acc" for c in cols_acc]
     head += ["BIG-bench mean acc"] if present("ouro_bigbench") else []
     head += [c.replace("ouro_heldout_", "") + " NLL" for c in cols_nll]
+    by_name = {r["name"]: r for r in rows}
+    gap_cols = [c for c in cols_nll if "full" in by_name and "pruned" in by_name
+                and c in by_name["full"]["metrics"] and c in by_name["pruned"]["metrics"]]
+    head += [c.replace("ouro_heldout_", "") + " gap rec." for c in gap_cols]
     head += ["wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -228,17 +232,25 @@ def markdown(report: dict) -> str:
         cells += [fmt(r["metrics"].get(c, {}).get("acc")) for c in cols_acc]
         cells += [fmt(r["metrics"].get("ouro_bigbench", {}).get("acc"))] if present("ouro_bigbench") else []
         cells += [fmt(r["metrics"].get(c, {}).get("nll"), 4) for c in cols_nll]
+        for c in gap_cols:
+            l_full, l_pruned = by_name["full"]["metrics"][c]["nll"], by_name["pruned"]["metrics"][c]["nll"]
+            arm = r["metrics"].get(c, {}).get("nll")
+            cells.append("–" if arm is None else f"{100 * (l_pruned - arm) / (l_pruned - l_full):.1f} %")
         cells += [f"{r['wall_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     limit = report["limit"]
+    arms_line = "; ".join(f"{r['name']} = `{r['source']}`" for r in rows)
     notes = [
         "",
+        *([report["note"], ""] if report.get("note") else []),
+        f"Arms: {arms_line}.",
         f"Tasks: `{report['tasks']}` from `evals/tasks/` ({'first ' + str(limit) + ' documents per task' if limit else 'all documents'}); "
         "acc = lm-eval multiple-choice accuracy (zero-shot, hellaswag-style: each choice scored as a continuation); "
         "NLL = ln(token_perplexity) = mean next-token NLL in nats over the held-out chunks as lm-eval scores them "
         "(256 predictions per chunk, the first one conditioned on the tokenizer's BOS/EOS prefix; the training "
         "issue's `heldout_nll` scores 255, so values differ slightly from its table).",
         f"Produced by: `{report['command']}` ({report['machine']}; lm-eval {report['lm_eval_version']}).",
+        "Gap recovery = (NLL_pruned - NLL_arm) / (NLL_pruned - NLL_full) per corpus, from these NLLs. "
         "Per-arm `lm_eval` command lines are in the JSON (`arms[].command`).",
     ]
     return "\n".join(lines + notes) + "\n"
@@ -275,13 +287,33 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "evals" / "results" / "lm_eval_bench.json")
     parser.add_argument("--update-doc", type=Path, default=None, help="an existing markdown file to put the table in")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--reuse", type=Path, default=None, metavar="JSON",
+                        help="take the full/pruned rows from an earlier JSON of this script (same base, tasks and limit)")
+    parser.add_argument("--note", default=None, help="a paragraph to print with the table (stored in the JSON)")
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="evaluate nothing: re-render the table (and --update-doc) from a JSON this script wrote")
     args = parser.parse_args(argv)
+
+    if args.render is not None:
+        report = json.loads(args.render.read_text())
+        if args.note is not None:
+            report["note"] = args.note
+            write_atomic(args.render, json.dumps(report, indent=2) + "\n")
+        return publish(report, args.render, args.update_doc)
 
     tasks = [t for t in args.tasks.split(",") if t]
     check_task_data(tasks)
     if args.update_doc is not None and not args.update_doc.is_file():
         raise FileNotFoundError(f"{args.update_doc} does not exist; --update-doc only edits an existing file")
     base, arms = plan_arms(args)  # every path checked before any model is loaded
+    reused = {}
+    if args.reuse is not None:
+        earlier = json.loads(args.reuse.read_text())
+        same = (earlier.get("base"), earlier.get("tasks"), earlier.get("limit")) == (base, ",".join(tasks), args.limit)
+        if not same:
+            raise ValueError(f"{args.reuse} was made with another base, task list or limit; it cannot be reused")
+        reused = {r["name"]: dict(r, reused_from=str(args.reuse)) for r in earlier["arms"] if r["name"] in ("full", "pruned")}
+        arms = [a for a in arms if a["name"] not in reused] if reused else arms
 
     import torch
 
@@ -308,7 +340,7 @@ def main(argv=None) -> int:
                 arm["source"] = str(build_pruned_checkpoint(base, s, work / key))
                 arm["model_args"] = f"pretrained={arm['source']}"
 
-    results = []
+    results = [reused[name] for name in ("full", "pruned") if name in reused]
     for arm in arms:
         log(f"{arm['name']}: {arm['model_args']}")
         results.append(run_arm(arm, tasks, args, task_manager))
@@ -324,16 +356,21 @@ def main(argv=None) -> int:
         "lm_eval_version": lm_eval.__version__,
         "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "note": args.note,
         "arms": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out, json.dumps(report, indent=2) + "\n")
+    return publish(report, args.out, args.update_doc)
+
+
+def publish(report: dict, json_path: Path, doc: Path | None) -> int:
     table = markdown(report)
-    write_atomic(args.out.with_suffix(".md"), table)
+    write_atomic(json_path.with_suffix(".md"), table)
     print(table)
-    if args.update_doc is not None:
-        update_doc(args.update_doc, "## lm-eval-harness benchmark\n\n" + table)
-        log(f"updated {args.update_doc}")
+    if doc is not None:
+        update_doc(doc, "## lm-eval-harness benchmark\n\n" + table)
+        log(f"updated {doc}")
     return 0
 
 

@@ -28,14 +28,15 @@ BIN = Path(sys.executable).parent
 PTH_NAME = "ouroboros_lm_eval.pth"
 
 
-def load_prepare_tasks():
-    spec = importlib.util.spec_from_file_location("prepare_tasks", TASKS_DIR / "prepare_tasks.py")
+def load_script(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-prepare_tasks = load_prepare_tasks()
+prepare_tasks = load_script("prepare_tasks", TASKS_DIR / "prepare_tasks.py")
+bench = load_script("lm_eval_bench", REPO / "evals" / "lm_eval_bench.py")
 
 
 def words(rng, low, high):
@@ -414,6 +415,44 @@ def test_hellaswag_file_is_checked_before_it_is_used(tmp_path):
     unlabelled.write_text(json.dumps({"activity_label": "a", "ctx_a": "b", "ctx_b": "", "endings": ["c"], "label": ""}) + "\n")
     with pytest.raises(ValueError, match="no label"):
         prepare_tasks.prepare_hellaswag(tmp_path / "data", unlabelled)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the benchmark script's own logic (evals/lm_eval_bench.py)
+# ---------------------------------------------------------------------------------------------------
+def test_pruned_baseline_checkpoint_keeps_prelude_recurrent_and_coda(art, tmp_path):
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    split = json.loads((Path(art.adapter) / "adapter_config.json").read_text())
+    out = bench.build_pruned_checkpoint(art.base, split, tmp_path / "pruned")
+    assert json.loads((out / "ouroboros_pruned.json").read_text())["layers"] == [0, 3, 5]  # 1 + layer 3 + 1 of 6
+    pruned = AutoModelForCausalLM.from_pretrained(out).eval()
+    ref = AutoModelForCausalLM.from_pretrained(art.base).eval()
+    ref.model.layers = nn.ModuleList([ref.model.layers[i] for i in (0, 3, 5)])
+    ids = torch.randint(4, 96, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids, use_cache=False).logits, ref(ids, use_cache=False).logits)
+        full = AutoModelForCausalLM.from_pretrained(art.base).eval()(ids, use_cache=False).logits
+    assert pruned.config.num_hidden_layers == 3 and not torch.allclose(full, ref(ids, use_cache=False).logits, atol=1e-3)
+
+
+def test_benchmark_table_and_doc_section(tmp_path):
+    row = lambda name, nll, acc: {"name": name, "source": name, "wall_s": 1.0, "ouroboros": None,  # noqa: E731
+                                  "metrics": {"ouro_heldout_indist": {"nll": nll}, "ouro_bigbench_social_iqa": {"acc": acc}}}
+    report = {"arms": [row("full", 2.0, 0.5), row("pruned", 6.0, 0.3), row("ctrl", 4.0, 0.4)], "limit": None,
+              "tasks": "t", "command": "c", "machine": "m", "lm_eval_version": "0.4.13"}
+    table = bench.markdown(report)
+    assert "| ctrl | full | 0.400 | 4.0000 | 50.0 % | 1 |" in table  # gap recovery (6 - 4) / (6 - 2)
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nkeep me\n")
+    bench.update_doc(doc, "## lm-eval\n\nfirst\n")
+    bench.update_doc(doc, "## lm-eval\n\nsecond\n")
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nkeep me\n") and text.count(bench.DOC_START) == 1 == text.count(bench.DOC_END)
+    assert "second" in text and "first" not in text
+    with pytest.raises(FileNotFoundError):
+        bench.update_doc(tmp_path / "missing.md", "x")
 
 
 # ---------------------------------------------------------------------------------------------------
