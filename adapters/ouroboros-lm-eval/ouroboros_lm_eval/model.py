@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+from ouroboros_plugins.surgery import FINGERPRINT_FIELDS
 from lm_eval.api.registry import model_registry
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import get_dtype
@@ -39,16 +40,9 @@ PASSTHROUGH_ARGS = (
 )
 OWN_ARGS = ("pretrained", "peft", "num_steps", "dtype", "batch_size", "max_batch_size", "device")
 ACCEPTED_ARGS = OWN_ARGS + PASSTHROUGH_ARGS
-# Compared before loading; the recurrent layer's weight hash is compared by the PEFT load itself.
-CONFIG_FINGERPRINT_FIELDS = (
-    "model_type",
-    "num_hidden_layers",
-    "hidden_size",
-    "intermediate_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "vocab_size",
-)
+# Compared before loading (the core's fingerprint fields); the recurrent layer's weight hash is compared by the
+# PEFT load itself.
+CONFIG_FINGERPRINT_FIELDS = FINGERPRINT_FIELDS
 
 
 @dataclass
