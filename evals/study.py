@@ -87,6 +87,8 @@ def main(argv=None) -> int:
     ap.add_argument("--with-static", action="store_true", help="depth_rank: also train the static arm at every point")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--resume", action="store_true", help="continue interrupted arms, skip finished ones")
+    ap.add_argument("--train-only", action="store_true",
+                    help="train the arms and stop (e.g. to train arms in parallel processes, then evaluate with --resume)")
     ap.add_argument("--save", action="store_true", help="copy the results to evals/results/<experiment>.json (+ .details.json)")
     ap.add_argument("--save-as", default=None, help="name under evals/results/ instead of the experiment's")
     args = ap.parse_args(argv)
@@ -124,6 +126,8 @@ def main(argv=None) -> int:
         runs[arm], step_s[arm] = str(run), summary["step_s_mean"]
         log(f"{arm}: {summary['train_tokens']:,} tokens, {summary['wall_s']:.0f}s, {summary['step_s_mean']:.1f} s/update, "
             f"final train loss {summary['final_train_loss']:.3f}")
+    if args.train_only:
+        return 0
     extra = {"study": {"experiment": args.experiment, "command": command, "updates": args.updates,
                        "tokens_per_update": 256 * args.batch_size * args.grad_accum, "lr": args.lr, "step_s_mean": step_s,
                        "train_wall_s": time.perf_counter() - t0}}

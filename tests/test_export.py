@@ -63,6 +63,22 @@ def test_auto_classes_load_it_with_identical_logits(exported):
     assert torch.equal(a, b) and torch.equal(a, c)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_load_keeps_the_adapter_in_fp32(exported, dtype):
+    model, out, _ = exported
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()
+    assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == dtype
+    assert {p.dtype for p in loaded.ouroboros.parameters()} == {torch.float32}
+    assert {b.dtype for b in loaded.ouroboros.buffers()} == {torch.float32}
+    ids = torch.randint(3, 96, (2, 13), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        half = loaded(ids).logits.float()
+        full = model(ids).logits
+        tokens = loaded.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert tokens.shape == (2, 17)
+    assert torch.allclose(half, full, atol=0.1, rtol=0.05), (half - full).abs().max()
+
+
 def test_depth_override_at_load(exported):
     _, out, _ = exported
     shallow = AutoModelForCausalLM.from_pretrained(out, num_steps=2)

@@ -190,22 +190,15 @@ def load_ouroboros_adapter(base_model, adapter_dir: str, num_steps: Optional[int
 
 
 def load_exported(path: str, dtype: Any, num_steps: Optional[int] = None, config: Optional[dict] = None):
-    """An exported checkpoint in `dtype` with its Ouroboros modules (Controller / static table, step norms, gate,
-    SVD bases) kept in float32, as the PEFT adapter keeps them. A plain `from_pretrained(dtype=bfloat16)` would
-    cast those too, and the Controller then fails on its float32 input; so the checkpoint is read in float32
-    and everything but `ouroboros` is cast afterwards."""
+    """An exported checkpoint in `dtype` ("auto": the dtype saved in its config). OuroborosForCausalLM keeps its
+    Ouroboros modules (Controller / static table, step norms, gate, SVD bases) in float32 at any dtype."""
     from transformers import AutoModelForCausalLM
 
     overrides = {"num_steps": num_steps} if num_steps is not None else {}
     if dtype == "auto" or dtype is None:
         saved = (config or {}).get("dtype") or (config or {}).get("torch_dtype") or "float32"
         dtype = getattr(torch, str(saved).replace("torch.", ""), torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **overrides)
-    if dtype != torch.float32:
-        for name, child in model.named_children():
-            if name != "ouroboros":
-                child.to(dtype)
-    return model
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **overrides)
 
 
 class OuroborosLM(HFLM):

@@ -64,6 +64,9 @@ class OuroborosForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_sdpa = True
     _supports_attention_backend = False
     _no_split_modules = ["LlamaDecoderLayer", "Qwen2DecoderLayer"]
+    # The adapter computes in fp32 whatever the base dtype (as in training): `from_pretrained(..., dtype=bf16)`
+    # casts the base layers only. ("strict": transformers' plain _keep_in_fp32_modules applies to fp16 alone.)
+    _keep_in_fp32_modules_strict = ["ouroboros"]
 
     def __init__(self, config: OuroborosLMConfig):
         super().__init__(config)
