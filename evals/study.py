@@ -13,7 +13,7 @@ Experiments
     pooling     controller with causal_mean / token / sequence_mean pooling
     faithful    the reference implementation's setup (labels shifted twice, pure bf16, sequence_mean pooling,
                 unit norm init) beside the corrected controller
-    coda        controller with and without a trainable coda LoRA (rank 8)
+    coda        controller with and without a trainable coda LoRA (rank 8), and static with it
     lr          controller at lr {5e-4, 1e-3, 2e-3, 4e-3}
 
 Example (the headline at the anchors' budget, 221 updates of 4 x 256 tokens):
@@ -61,6 +61,7 @@ def experiments(with_static: bool) -> dict:
         "coda": {
             "controller": ({}, {}),
             "controller_coda_r8": (dict(coda_lora_r=8), {}),
+            "static_coda_r8": (dict(modulation="static", coda_lora_r=8), {}),
         },
         "lr": {f"controller_lr{lr:g}": ({}, dict(lr=lr)) for lr in (5e-4, 1e-3, 2e-3, 4e-3)},
     }
@@ -107,8 +108,7 @@ def main(argv=None) -> int:
     model_dir = default_model_dir()
     root = Path(args.out) / args.experiment
     command = "python evals/study.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    t0 = time.perf_counter()
-    runs, step_s = {}, {}
+    runs, step_s, wall_s = {}, {}, {}
     for arm, (adapter_over, train_over) in arms.items():
         run = root / arm
         values = dict(base=str(model_dir), out=str(run), adapter={**SPLIT, **adapter_over}, max_updates=args.updates,
@@ -123,14 +123,14 @@ def main(argv=None) -> int:
             log(f"{arm}: {'resuming' if resume else 'training'} {cfg.max_updates} updates x {cfg.tokens_per_update} tokens")
             train(cfg, overwrite=True, resume=resume)
         summary = json.loads((run / "summary.json").read_text())
-        runs[arm], step_s[arm] = str(run), summary["step_s_mean"]
+        runs[arm], step_s[arm], wall_s[arm] = str(run), summary["step_s_mean"], summary["wall_s"]
         log(f"{arm}: {summary['train_tokens']:,} tokens, {summary['wall_s']:.0f}s, {summary['step_s_mean']:.1f} s/update, "
             f"final train loss {summary['final_train_loss']:.3f}")
     if args.train_only:
         return 0
     extra = {"study": {"experiment": args.experiment, "command": command, "updates": args.updates,
                        "tokens_per_update": 256 * args.batch_size * args.grad_accum, "lr": args.lr, "step_s_mean": step_s,
-                       "train_wall_s": time.perf_counter() - t0}}
+                       "train_wall_s": wall_s}}
     if "controller" in step_s and "static" in step_s:
         extra["study"]["controller_over_static_step_time"] = step_s["controller"] / step_s["static"]
     results = evaluate(str(model_dir), runs, str(root / "eval"), n_chunks=args.chunks, overwrite=True,

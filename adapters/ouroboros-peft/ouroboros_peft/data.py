@@ -78,6 +78,10 @@ CORPORA = ("indist", "wikipedia", "reddit")
 DOCS_PACKAGE = "python3.11-doc"
 SYSTEM_SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
 BIGBENCH_REQ = "bigbench==1.0.0"
+BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
+# sha256 PyPI publishes for that file (checked whichever way it is downloaded)
+BIGBENCH_SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+PYPI_SIMPLE = "https://pypi.org/simple"
 SQUAD_SHIFTS_FILES = {"wikipedia": "new_wiki_v1.0.json", "reddit": "reddit_v1.0.json"}
 MANIFEST_META_KEY = "ouroboros_heldout"
 MANIFEST_FORMAT = 1
@@ -219,11 +223,64 @@ def extract_squad_shifts(sdist: str | os.PathLike, dest: str | os.PathLike) -> d
     return {k: found[k] for k in SQUAD_SHIFTS_FILES}
 
 
+def sdist_link(index_page: Mapping, filename: str, sha256: str) -> str:
+    """The download URL of ``filename`` in a PEP 691 (JSON) simple-index page, after checking that the index
+    publishes the expected sha256 for it."""
+    for entry in index_page.get("files", []):
+        if entry.get("filename") == filename:
+            published = (entry.get("hashes") or {}).get("sha256")
+            if published != sha256:
+                raise RuntimeError(f"the index publishes sha256 {published} for {filename}, expected {sha256}")
+            return entry["url"]
+    raise RuntimeError(f"{filename} is not listed by the index")
+
+
+def download_verified(url: str, dest: Path, sha256: str, timeout: float = 180.0) -> Path:
+    """Stream ``url`` to ``dest`` (via a temporary name) and keep it only if its sha256 matches."""
+    import urllib.request
+
+    tmp = dest.with_name(dest.name + ".part")
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+        while chunk := response.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
+    if digest.hexdigest() != sha256:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"{url}: sha256 {digest.hexdigest()} does not match the expected {sha256}")
+    tmp.replace(dest)
+    return dest
+
+
+def _sdist_from_index(work: Path) -> Path:
+    """bigbench's sdist straight from the package index (PEP 691 JSON simple API). Needed because recent pip
+    (>= 25) refuses to download it at all: its metadata declares a direct-URL dependency."""
+    import urllib.parse
+    import urllib.request
+
+    index = os.environ.get("OUROBOROS_PYPI_SIMPLE", PYPI_SIMPLE).rstrip("/")
+    page_url = f"{index}/bigbench/"
+    request = urllib.request.Request(page_url, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        page = json.loads(response.read().decode("utf-8"))
+    url = urllib.parse.urljoin(page_url, sdist_link(page, BIGBENCH_SDIST, BIGBENCH_SDIST_SHA256))
+    return download_verified(url, work / BIGBENCH_SDIST, BIGBENCH_SDIST_SHA256)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def fetch_squad_shifts(cache_dir: str | os.PathLike | None = None) -> dict[str, Path]:
     """Return ``{"wikipedia": path, "reddit": path}``, downloading once.
 
-    ``pip download --no-deps --no-binary :all: bigbench==1.0.0`` (the sdist; the
-    package is never installed), the two JSON files are copied into
+    The ``bigbench==1.0.0`` sdist (the package is never installed) comes from the package index's simple API
+    ($OUROBOROS_PYPI_SIMPLE, default PyPI), or else from ``pip download --no-deps`` (pip < 25, or a configured
+    mirror); either way its sha256 must be the one PyPI publishes. The two JSON files are copied into
     ``<data cache>/squad_shifts/`` and the ~360 MB tarball is deleted.
     """
     dest = data_cache_dir(cache_dir) / "squad_shifts"
@@ -233,24 +290,30 @@ def fetch_squad_shifts(cache_dir: str | os.PathLike | None = None) -> dict[str, 
     dest.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".fetch-", dir=dest))
     try:
+        errors = []
+        sdist = None
+        try:
+            sdist = _sdist_from_index(work)
+        except Exception as exc:  # network, index or hash problem: say so, then try pip
+            errors.append(f"package index: {exc}")
         attempts = [
             [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", BIGBENCH_REQ, "-d", str(work)],
             [sys.executable, "-m", "pip", "download", "--no-deps", BIGBENCH_REQ, "-d", str(work)],
         ]
-        errors = []
-        sdists: list[Path] = []
-        for cmd in attempts:
+        for cmd in attempts if sdist is None else ():
             res = _run(cmd)
-            sdists = sorted(work.glob("bigbench-*.tar.gz"))
-            if sdists:
+            found = sorted(work.glob("bigbench-*.tar.gz"))
+            if found and _sha256_file(found[0]) == BIGBENCH_SDIST_SHA256:
+                sdist = found[0]
                 break
-            errors.append(f"$ {' '.join(cmd[2:])}\n{(res.stderr or res.stdout).strip()[-2000:]}")
-        if not sdists:
+            detail = f"{found[0].name} has the wrong sha256" if found else (res.stderr or res.stdout).strip()[-2000:]
+            errors.append(f"$ {' '.join(cmd[2:])}\n{detail}")
+        if sdist is None:
             raise RuntimeError(
                 f"could not download the {BIGBENCH_REQ} sdist (needed for the SQuAD-shifts eval corpora):\n"
                 + "\n".join(errors)
             )
-        extract_squad_shifts(sdists[0], dest)
+        extract_squad_shifts(sdist, dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return paths
