@@ -343,3 +343,26 @@ def test_heldout_nll_bad_input():
         data.heldout_nll(fn, torch.zeros(2, 4, dtype=torch.long), batch_size=0)
     with pytest.raises(ValueError, match="logits of shape"):
         data.heldout_nll(lambda ids: torch.zeros(ids.shape[0], 7), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_sdist_link_checks_the_published_hash():
+    page = {"files": [{"filename": "bigbench-0.0.1.tar.gz", "url": "old", "hashes": {"sha256": "0" * 64}},
+                      {"filename": "bigbench-1.0.0.tar.gz", "url": "../../packages/b.tar.gz", "hashes": {"sha256": "a" * 64}}]}
+    assert data.sdist_link(page, "bigbench-1.0.0.tar.gz", "a" * 64) == "../../packages/b.tar.gz"
+    with pytest.raises(RuntimeError, match="publishes sha256 a+ for bigbench-1.0.0.tar.gz, expected b+"):
+        data.sdist_link(page, "bigbench-1.0.0.tar.gz", "b" * 64)
+    with pytest.raises(RuntimeError, match="bigbench-2.0.tar.gz is not listed"):
+        data.sdist_link(page, "bigbench-2.0.tar.gz", "a" * 64)
+
+
+def test_download_verified_keeps_only_a_matching_file(tmp_path):
+    import hashlib
+
+    src = tmp_path / "src.tar.gz"
+    src.write_bytes(b"sdist bytes" * 1000)
+    good = hashlib.sha256(src.read_bytes()).hexdigest()
+    out = data.download_verified(src.as_uri(), tmp_path / "a.tar.gz", good)
+    assert out.read_bytes() == src.read_bytes()
+    with pytest.raises(RuntimeError, match="does not match the expected"):
+        data.download_verified(src.as_uri(), tmp_path / "b.tar.gz", "f" * 64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar.gz", "src.tar.gz"]  # nothing half-written
