@@ -10,8 +10,8 @@ repository root, so run lm_eval from there:
 
     lm_eval --model ouroboros --model_args pretrained=DIR --tasks ouro_bigbench,ouro_heldout --include_path evals/tasks
 
-bigbench: the BIG-bench JSON tasks come from the PyPI sdist bigbench==1.0.0, fetched with
-  `pip download --no-deps` (the package is never installed or imported; only task.json members are read, and
+bigbench: the BIG-bench JSON tasks come from the PyPI sdist bigbench==1.0.0, fetched from PyPI's simple API with
+  its sha256 checked, or `pip download --no-deps` (the package is never installed or imported; only task.json members are read, and
   an archive with absolute or `..` member paths is refused). Each multiple-choice example becomes one
   hellaswag-style record {"query", "choices", "label"}: query = task_prefix + "Q: " + input + "\nA:", the
   choices are the keys of target_scores (scored as continuations after a space, as lm-eval does for
@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -39,7 +38,7 @@ from typing import Iterable, Sequence
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA_DIR = HERE / "data"
-BIGBENCH_REQ = "bigbench==1.0.0"
+
 BIGBENCH_TASKS = ("social_iqa", "strategyqa", "causal_judgment", "physical_intuition")
 HELDOUT_CORPORA = ("indist", "wikipedia", "reddit")
 HELLASWAG_FIELDS = ("activity_label", "ctx_a", "ctx_b", "endings", "label")
@@ -131,14 +130,11 @@ def bigbench_to_hellaswag(task: dict, name: str) -> tuple[list[dict], int]:
 
 
 def download_bigbench_sdist(dest: Path) -> Path:
-    """`pip download --no-deps bigbench==1.0.0` into `dest` (the ~360 MB sdist; never installed)."""
+    """The ~360 MB bigbench==1.0.0 sdist in `dest` (never installed), hash-checked: `ouroboros_peft.data`'s fetch."""
+    from ouroboros_peft.data import download_bigbench_sdist as fetch
+
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", BIGBENCH_REQ, "-d", str(dest)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(dest.glob("bigbench-*.tar.gz"))
-    if not found:
-        raise RuntimeError(f"`{' '.join(cmd[2:])}` produced no sdist (rc={result.returncode}):\n{(result.stderr or result.stdout)[-2000:]}")
-    return found[0]
+    return fetch(dest)
 
 
 def prepare_bigbench(data_dir: Path, sdist: str | os.PathLike | None = None, names: Sequence[str] = BIGBENCH_TASKS) -> dict:

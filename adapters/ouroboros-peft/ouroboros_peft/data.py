@@ -275,14 +275,33 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch_squad_shifts(cache_dir: str | os.PathLike | None = None) -> dict[str, Path]:
-    """Return ``{"wikipedia": path, "reddit": path}``, downloading once.
+def download_bigbench_sdist(work: str | os.PathLike) -> Path:
+    """The ``bigbench==1.0.0`` sdist (~360 MB; never installed) in folder ``work``: from the package index's simple
+    API ($OUROBOROS_PYPI_SIMPLE, default PyPI), or else ``pip download --no-deps`` (pip < 25, or a configured
+    mirror). Either way its sha256 must be the one PyPI publishes."""
+    work = Path(work)
+    errors = []
+    try:
+        return _sdist_from_index(work)
+    except Exception as exc:  # network, index or hash problem: say so, then try pip
+        errors.append(f"package index: {exc}")
+    attempts = [
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", BIGBENCH_REQ, "-d", str(work)],
+        [sys.executable, "-m", "pip", "download", "--no-deps", BIGBENCH_REQ, "-d", str(work)],
+    ]
+    for cmd in attempts:
+        res = _run(cmd)
+        found = sorted(work.glob("bigbench-*.tar.gz"))
+        if found and _sha256_file(found[0]) == BIGBENCH_SDIST_SHA256:
+            return found[0]
+        detail = f"{found[0].name} has the wrong sha256" if found else (res.stderr or res.stdout).strip()[-2000:]
+        errors.append(f"$ {' '.join(cmd[2:])}\n{detail}")
+    raise RuntimeError(f"could not download the {BIGBENCH_REQ} sdist:\n" + "\n".join(errors))
 
-    The ``bigbench==1.0.0`` sdist (the package is never installed) comes from the package index's simple API
-    ($OUROBOROS_PYPI_SIMPLE, default PyPI), or else from ``pip download --no-deps`` (pip < 25, or a configured
-    mirror); either way its sha256 must be the one PyPI publishes. The two JSON files are copied into
-    ``<data cache>/squad_shifts/`` and the ~360 MB tarball is deleted.
-    """
+
+def fetch_squad_shifts(cache_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Return ``{"wikipedia": path, "reddit": path}``, downloading once: the two JSON files of the bigbench sdist
+    (`download_bigbench_sdist`) are copied into ``<data cache>/squad_shifts/`` and the tarball is deleted."""
     dest = data_cache_dir(cache_dir) / "squad_shifts"
     paths = {k: dest / v for k, v in SQUAD_SHIFTS_FILES.items()}
     if all(p.is_file() for p in paths.values()):
@@ -290,29 +309,10 @@ def fetch_squad_shifts(cache_dir: str | os.PathLike | None = None) -> dict[str, 
     dest.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".fetch-", dir=dest))
     try:
-        errors = []
-        sdist = None
         try:
-            sdist = _sdist_from_index(work)
-        except Exception as exc:  # network, index or hash problem: say so, then try pip
-            errors.append(f"package index: {exc}")
-        attempts = [
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", BIGBENCH_REQ, "-d", str(work)],
-            [sys.executable, "-m", "pip", "download", "--no-deps", BIGBENCH_REQ, "-d", str(work)],
-        ]
-        for cmd in attempts if sdist is None else ():
-            res = _run(cmd)
-            found = sorted(work.glob("bigbench-*.tar.gz"))
-            if found and _sha256_file(found[0]) == BIGBENCH_SDIST_SHA256:
-                sdist = found[0]
-                break
-            detail = f"{found[0].name} has the wrong sha256" if found else (res.stderr or res.stdout).strip()[-2000:]
-            errors.append(f"$ {' '.join(cmd[2:])}\n{detail}")
-        if sdist is None:
-            raise RuntimeError(
-                f"could not download the {BIGBENCH_REQ} sdist (needed for the SQuAD-shifts eval corpora):\n"
-                + "\n".join(errors)
-            )
+            sdist = download_bigbench_sdist(work)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n(needed for the SQuAD-shifts eval corpora)") from exc
         extract_squad_shifts(sdist, dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
