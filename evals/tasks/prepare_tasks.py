@@ -65,23 +65,16 @@ def write_jsonl(records: Iterable[dict], path: Path) -> int:
     return count
 
 
-def _safe_member(name: str) -> bool:
-    parts = PurePosixPath(name.replace("\\", "/")).parts
-    return bool(parts) and not PurePosixPath(name).is_absolute() and ".." not in parts and ":" not in parts[0]
-
-
 # ---------------------------------------------------------------------------------------------------
 # BIG-bench
 # ---------------------------------------------------------------------------------------------------
 def read_bigbench_tasks(sdist: str | os.PathLike, names: Sequence[str]) -> dict[str, dict]:
     """The parsed `bigbench/benchmark_tasks/<name>/task.json` of each name, read from the sdist tarball."""
+    from ouroboros_peft.data import checked_members
+
     wanted = {name: None for name in names}
     with tarfile.open(sdist, "r:*") as tar:
-        members = tar.getmembers()
-        bad = [m.name for m in members if not _safe_member(m.name)]
-        if bad:
-            raise ValueError(f"refusing {sdist}: unsafe member paths {bad[:3]}")
-        for member in members:
+        for member in checked_members(tar, sdist):
             parts = PurePosixPath(member.name).parts
             if len(parts) >= 3 and parts[-1] == "task.json" and parts[-3] == "benchmark_tasks" and parts[-2] in wanted:
                 if not member.isfile():

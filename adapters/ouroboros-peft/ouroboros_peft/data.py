@@ -188,6 +188,15 @@ def _safe_member_name(name: str) -> bool:
     return ":" not in p.parts[0]  # no Windows drive letters
 
 
+def checked_members(tar: tarfile.TarFile, name: str | os.PathLike) -> list[tarfile.TarInfo]:
+    """Every member of ``tar``, refusing the archive ``name`` if any has an absolute, ``..`` or drive-letter path."""
+    members = tar.getmembers()
+    bad = [m.name for m in members if not _safe_member_name(m.name)]
+    if bad:
+        raise ValueError(f"refusing {name}: unsafe member paths {bad[:3]}")
+    return members
+
+
 def extract_squad_shifts(sdist: str | os.PathLike, dest: str | os.PathLike) -> dict[str, Path]:
     """Copy the two SQuAD-shifts JSON files out of a bigbench sdist tarball.
 
@@ -199,11 +208,7 @@ def extract_squad_shifts(sdist: str | os.PathLike, dest: str | os.PathLike) -> d
     wanted = {v: k for k, v in SQUAD_SHIFTS_FILES.items()}
     found: dict[str, Path] = {}
     with tarfile.open(sdist, "r:*") as tar:
-        members = tar.getmembers()
-        bad = [m.name for m in members if not _safe_member_name(m.name)]
-        if bad:
-            raise ValueError(f"refusing {sdist}: unsafe member paths {bad[:3]}")
-        for m in members:
+        for m in checked_members(tar, sdist):
             base = PurePosixPath(m.name).name
             parts = PurePosixPath(m.name).parts
             if base in wanted and "squad_shifts" in parts and m.isfile():
