@@ -12,7 +12,7 @@ Experiments
     depth_rank  controller (and static with --with-static) at depth {1,4,8,16} x rank {8,32,64}
     pooling     controller with causal_mean / token / sequence_mean pooling
     faithful    the reference implementation's setup (labels shifted twice, pure bf16, sequence_mean pooling,
-                unit norm init) beside the corrected controller
+                unit norm init) beside the corrected controller; controller_reference_fp32 is that setup in fp32
     coda        controller with and without a trainable coda LoRA (rank 8), and static with it
     lr          controller at lr {5e-4, 1e-3, 2e-3, 4e-3}
 
@@ -56,6 +56,10 @@ def experiments(with_static: bool) -> dict:
             "controller": ({}, {}),
             "controller_reference": (dict(controller_pooling="sequence_mean"),
                                      dict(label_offset=2, pure_bf16=True, calibrate_norms=False)),
+            # the same without pure bf16: bf16 matmuls have no fast path on an AVX2-only CPU (~46x slower than fp32
+            # here), so on CPU the precision effect is measured apart (evals/bf16_stall.py)
+            "controller_reference_fp32": (dict(controller_pooling="sequence_mean"),
+                                          dict(label_offset=2, calibrate_norms=False)),
             "controller_unit_norm_init": ({}, dict(calibrate_norms=False)),
         },
         "coda": {

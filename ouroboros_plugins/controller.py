@@ -77,7 +77,7 @@ class Controller(nn.Module):
             nn.init.zeros_(head.weight)
 
     def forward(self, pooled: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        state = self.state_proj(_rms_normalise(pooled))  # [B, T, S]
+        state = self.state_proj(_rms_normalise(pooled).to(self.state_proj.weight.dtype))  # [B, T, S]; fp32 pooling, own dtype after
         emb = self.step_embed.weight[step].expand(*state.shape[:-1], -1)  # [B, T, W]
         z = self.mlp(torch.cat([state, emb], dim=-1))  # [B, T, W]
         return {name: head(z) for name, head in self.heads.items()}

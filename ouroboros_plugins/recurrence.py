@@ -47,7 +47,7 @@ class Gate(nn.Module):
         nn.init.constant_(self.proj.bias, bias)
 
     def forward(self, n: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.proj(torch.cat([n, h.to(n.dtype)], dim=-1)))
+        return torch.sigmoid(self.proj(torch.cat([n, h.to(n.dtype)], dim=-1).to(self.proj.weight.dtype)))
 
 
 class CodaLoRA(nn.Module):

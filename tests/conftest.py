@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +87,11 @@ def save_base(path, arch: str, seed: int = 0, **overrides):
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return model
+
+
+def load_script(name: str, path: Path):
+    """Import a script under evals/ (not a package) as a module, to test its own logic."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

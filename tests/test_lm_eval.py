@@ -4,7 +4,6 @@ unmodified `lm_eval` console script of this environment."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -19,20 +18,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ouro_config, randomize_adapter, save_base, tiny_model, tiny_tokenizer
+from conftest import load_script, ouro_config, randomize_adapter, save_base, tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 ADAPTER_SRC = REPO / "adapters" / "ouroboros-lm-eval"
 TASKS_DIR = REPO / "evals" / "tasks"
 BIN = Path(sys.executable).parent
 PTH_NAME = "ouroboros_lm_eval.pth"
-
-
-def load_script(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 prepare_tasks = load_script("prepare_tasks", TASKS_DIR / "prepare_tasks.py")

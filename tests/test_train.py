@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import save_base, tiny_tokenizer
-from ouroboros_peft.train import TrainConfig, TrainingDiverged, batch_at, build_model, lr_at, read_log, train
+from conftest import load_script, save_base, tiny_tokenizer
+from ouroboros_peft.train import TrainConfig, TrainingDiverged, batch_at, build_model, load_base, lr_at, read_log, train
 
 SEQ = 32
 
@@ -142,6 +144,48 @@ def test_interrupted_then_resumed_run_gives_the_same_loss_curve(base_dir, text_f
         if p.requires_grad:
             assert torch.equal(p, a[name]), name
     assert resumed.summary["resumed_from_update"] == 4
+
+
+def test_resume_refuses_changed_training_settings_and_accepts_changed_bookkeeping(base_dir, text_file, tmp_path):
+    cfg = config(base_dir, text_file, tmp_path / "run", max_updates=3, checkpoint_every=1)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_3(update, loss):
+        if update == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg, on_update=stop_at_3)
+    log_before = (tmp_path / "run" / "log.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"these differ: lr: run has"):
+        train(dataclasses.replace(cfg, lr=cfg.lr * 2), resume=True)
+    assert (tmp_path / "run" / "log.jsonl").read_text() == log_before  # refused before any work
+    assert not (tmp_path / "run" / "summary.json").exists()
+    # thread count and checkpoint cadence are not training settings: the run continues and finishes
+    train(dataclasses.replace(cfg, threads=1, checkpoint_every=5, progress=False), resume=True)
+    assert len(train_losses(tmp_path / "run")) == 3 and (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_pure_bf16_rounds_away_the_steps_of_large_parameters(base_dir, text_file, tmp_path):
+    """The reference's pure-bf16 setup: AdamW steps (~lr) smaller than half a bf16 spacing vanish, so the gate bias
+    (logit(0.12) = -1.99, spacing 2^-7) never moves at lr 1e-3, while zero-initialised weights train; with fp32
+    trainables the same run moves both. Checked with the study script's own comparison (evals/bf16_stall.py)."""
+    stall = load_script("bf16_stall", Path(__file__).resolve().parents[1] / "evals" / "bf16_stall.py")
+    shares = {}
+    for label, pure in (("fp32", False), ("bf16", True)):
+        cfg = config(base_dir, text_file, tmp_path / label, max_updates=4, lr=1e-3, warmup=1, min_lr_ratio=1.0,
+                     calibrate_norms=False, pure_bf16=pure)
+        base, tok, _ = load_base(str(base_dir))
+        torch.manual_seed(cfg.seed)
+        initial = stall.trainables(build_model(base, cfg.adapter))
+        result = train(cfg)
+        assert {p.dtype for p in stall.trainables(result.model).values()} == {torch.bfloat16 if pure else torch.float32}
+        shares[label] = {g: v["share_changed"] for g, v in stall.changed_share(initial, stall.trainables(result.model)).items()}
+    assert shares["fp32"]["gate bias"] == 1.0 and shares["bf16"]["gate bias"] == 0.0
+    assert shares["fp32"]["gate weight"] > 0.9 and shares["bf16"]["gate weight"] > 0.9
+    assert shares["bf16"]["controller"] > 0.0
 
 
 def test_calibration_sets_each_norm_row_to_the_median_rms_of_its_step(base_dir, text_file):
