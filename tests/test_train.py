@@ -330,6 +330,14 @@ def test_cli_train_then_eval_writes_the_results_schema(base_dir, text_file, tmp_
     assert main(["train", "--out", str(tmp_path / "c")] + common) == 0
     assert main(["train", "--out", str(tmp_path / "s"), "--modulation", "static"] + common) == 0
     assert main(["train", "--out", str(tmp_path / "s")] + common) == 2  # exists, no --overwrite
+    # --resume keeps the stored settings but takes --threads (a runtime setting); a finished run stays finished
+    try:
+        assert main(["train", "--out", str(tmp_path / "s"), "--resume", "--threads", "2"]) == 0
+    finally:
+        torch.set_num_threads(1)  # this module's setting
+    assert json.loads((tmp_path / "s" / "summary.json").read_text())["torch_threads"] == 2
+    assert len([r for r in read_log(tmp_path / "s") if r["kind"] == "train"]) == 3
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["adapter"]["modulation"] == "static"
     evals = [r for r in read_log(tmp_path / "c") if r["kind"] == "eval"]
     assert len(evals) == 1 and set(evals[0]["heldout"]) == {"indist", "wikipedia", "reddit"}
 

@@ -46,7 +46,9 @@ def cmd_train(args) -> int:
         if not stored.is_file():
             raise FileNotFoundError(f"nothing to resume: {stored} does not exist")
         cfg = TrainConfig.from_json(json.loads(stored.read_text()))
-        print(f"resuming {args.out} with its stored settings (command-line training options are ignored)")
+        if args.threads:  # a runtime setting, not a training one: a run may continue on another machine
+            cfg.threads = args.threads
+        print(f"resuming {args.out} with its stored settings (command-line training options other than --threads are ignored)")
     else:
         depth_range = None
         if args.sample_depth:
