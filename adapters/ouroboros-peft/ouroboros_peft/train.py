@@ -58,7 +58,6 @@ __all__ = [
 ]
 
 ADAPTER_DEFAULTS = dict(num_prelude_layers=7, num_coda_layers=7, num_steps=4, r=32)
-# Fields that may differ between the stored config and a resume request (they do not change the numbers).
 # Settings a resumed run may change: bookkeeping and the CPU thread count (a run may continue on another machine or
 # beside another job; the loss curve then matches to float rounding, not bit for bit). Everything else must match.
 RESUME_FREE_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_chunks", "progress", "threads")
