@@ -64,6 +64,16 @@ def trainables(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def initial_trainables(cfg) -> dict:
+    """The trainable parameters `train(cfg)` starts from: a fresh adapter built with the seed train() builds with
+    (exact when cfg.calibrate_norms is False; calibration changes the norms after the build)."""
+    from ouroboros_peft.train import build_model, load_base
+
+    base, _, _ = load_base(cfg.base)
+    torch.manual_seed(cfg.seed)
+    return trainables(build_model(base, cfg.adapter))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--updates", type=int, default=8)
@@ -75,7 +85,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from ouroboros_peft.default_model import default_model_dir
-    from ouroboros_peft.train import TrainConfig, build_model, load_base, train
+    from ouroboros_peft.train import TrainConfig, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,9 +97,7 @@ def main(argv=None) -> int:
                               max_updates=args.updates, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                               warmup=1, min_lr_ratio=1.0, label_offset=2, calibrate_norms=False, pure_bf16=pure_bf16,
                               checkpoint_every=args.updates, progress=False, threads=args.threads)
-            base, _, _ = load_base(model_dir)
-            torch.manual_seed(cfg.seed)  # the same seed train() builds its adapter with
-            initial = trainables(build_model(base, cfg.adapter))
+            initial = initial_trainables(cfg)
             t0 = time.perf_counter()
             result = train(cfg)
             wall[label] = time.perf_counter() - t0

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import load_script, save_base, tiny_tokenizer
-from ouroboros_peft.train import TrainConfig, TrainingDiverged, batch_at, build_model, load_base, lr_at, read_log, train
+from ouroboros_peft.train import TrainConfig, TrainingDiverged, batch_at, build_model, lr_at, read_log, train
 
 SEQ = 32
 
@@ -115,21 +115,25 @@ def test_first_logged_loss_is_next_token_loss_shifted_once(base_dir, text_file, 
     assert once < 0.5 * min(twice, unshifted)  # the construction works: the base really predicts t + 1
 
 
+class Interrupt(Exception):
+    """Raised from `on_update` to cut a run short, as a crash would."""
+
+
+def stop_at(update: int):
+    def on_update(u, loss):
+        if u == update:
+            raise Interrupt
+
+    return on_update
+
+
 @pytest.mark.parametrize("depth_range", [None, (1, 3)], ids=["fixed-depth", "sampled-depth"])
 def test_interrupted_then_resumed_run_gives_the_same_loss_curve(base_dir, text_file, tmp_path, depth_range):
     extra = dict(depth_range=depth_range, adapter=dict(max_steps=3), grad_accum=2, max_updates=7)
     full = train(config(base_dir, text_file, tmp_path / "full", **extra))
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_5(update, loss):
-        if update == 5:  # checkpoint at 4; update 5 is lost and must be redone identically
-            raise Interrupt
-
     cfg = config(base_dir, text_file, tmp_path / "cut", **extra)
     with pytest.raises(Interrupt):
-        train(cfg, on_update=stop_at_5)
+        train(cfg, on_update=stop_at(5))  # checkpoint at 4; update 5 is lost and must be redone identically
     assert json.loads((tmp_path / "cut" / "latest.json").read_text())["update"] == 4
     resumed = train(cfg, resume=True)
 
@@ -148,16 +152,8 @@ def test_interrupted_then_resumed_run_gives_the_same_loss_curve(base_dir, text_f
 
 def test_resume_refuses_changed_training_settings_and_accepts_changed_bookkeeping(base_dir, text_file, tmp_path):
     cfg = config(base_dir, text_file, tmp_path / "run", max_updates=3, checkpoint_every=1)
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_at_3(update, loss):
-        if update == 3:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        train(cfg, on_update=stop_at_3)
+        train(cfg, on_update=stop_at(3))
     log_before = (tmp_path / "run" / "log.jsonl").read_text()
     with pytest.raises(ValueError, match=r"these differ: lr: run has"):
         train(dataclasses.replace(cfg, lr=cfg.lr * 2), resume=True)
@@ -177,9 +173,7 @@ def test_pure_bf16_rounds_away_the_steps_of_large_parameters(base_dir, text_file
     for label, pure in (("fp32", False), ("bf16", True)):
         cfg = config(base_dir, text_file, tmp_path / label, max_updates=4, lr=1e-3, warmup=1, min_lr_ratio=1.0,
                      calibrate_norms=False, pure_bf16=pure)
-        base, tok, _ = load_base(str(base_dir))
-        torch.manual_seed(cfg.seed)
-        initial = stall.trainables(build_model(base, cfg.adapter))
+        initial = stall.initial_trainables(cfg)
         result = train(cfg)
         assert {p.dtype for p in stall.trainables(result.model).values()} == {torch.bfloat16 if pure else torch.float32}
         shares[label] = {g: v["share_changed"] for g, v in stall.changed_share(initial, stall.trainables(result.model)).items()}

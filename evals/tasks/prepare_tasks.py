@@ -38,7 +38,6 @@ from typing import Iterable, Sequence
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA_DIR = HERE / "data"
-
 BIGBENCH_TASKS = ("social_iqa", "strategyqa", "causal_judgment", "physical_intuition")
 HELDOUT_CORPORA = ("indist", "wikipedia", "reddit")
 HELLASWAG_FIELDS = ("activity_label", "ctx_a", "ctx_b", "endings", "label")
