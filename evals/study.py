@@ -14,6 +14,8 @@ Experiments
     faithful    the reference implementation's setup (labels shifted twice, pure bf16, sequence_mean pooling,
                 unit norm init) beside the corrected controller; controller_reference_fp32 is that setup in fp32
     coda        controller with and without a trainable coda LoRA (rank 8), and static with it
+    equal_params  controller_tiny (Controller width 16, state 16: trainable parameters within 2 % of static's) beside
+                controller and static
     lr          controller at lr {5e-4, 1e-3, 2e-3, 4e-3}
 
 Example (the headline at the anchors' budget, 221 updates of 4 x 256 tokens):
@@ -66,6 +68,11 @@ def experiments(with_static: bool) -> dict:
             "controller": ({}, {}),
             "controller_coda_r8": (dict(coda_lora_r=8), {}),
             "static_coda_r8": (dict(modulation="static", coda_lora_r=8), {}),
+        },
+        "equal_params": {
+            "controller": ({}, {}),
+            "static": (dict(modulation="static"), {}),
+            "controller_tiny": (dict(controller_hidden=16, controller_state_dim=16), {}),
         },
         "lr": {f"controller_lr{lr:g}": ({}, dict(lr=lr)) for lr in (5e-4, 1e-3, 2e-3, 4e-3)},
     }

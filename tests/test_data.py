@@ -257,6 +257,35 @@ def test_training_token_stream_and_cache(fake_corpora, tmp_path):
     assert torch.equal(s, s2)
 
 
+def test_training_token_cache_is_not_served_to_another_tokenizer_of_the_same_size(tmp_path):
+    """The cache file is named by vocabulary size only; a tokenizer that splits text differently must re-tokenize."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    def word_tokenizer(swap: bool):
+        words = [f"w{i}" for i in range(4, 96)]
+        if swap:
+            words[0], words[1] = words[1], words[0]
+        vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {w: i for i, w in enumerate(words, start=4)}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+
+    src = tmp_path / "src"
+    for i in range(3):
+        (src / f"d{i}.rst.txt").parent.mkdir(parents=True, exist_ok=True)
+        (src / f"d{i}.rst.txt").write_text("w4 w5 w6 " * (i + 1), encoding="utf-8")
+    first, second = word_tokenizer(False), word_tokenizer(True)
+    assert len(first) == len(second)
+    assert data.tokenizer_sha256(first) != data.tokenizer_sha256(second)
+    assert data.tokenizer_sha256(first) == data.tokenizer_sha256(word_tokenizer(False))
+    cache = tmp_path / "cache"
+    a = data.training_token_stream(first, sources_dir=src, cache_dir=cache)
+    b = data.training_token_stream(second, sources_dir=src, cache_dir=cache)
+    assert a.tolist()[:3] == [4, 5, 6] and b.tolist()[:3] == [5, 4, 6]
+    assert torch.equal(data.training_token_stream(second, sources_dir=tmp_path / "gone", cache_dir=cache), b)
+
+
 # ---------------------------------------------------------------- sdist extraction
 
 

@@ -165,20 +165,16 @@ def heldout_records(chunks, tokenizer, corpus: str) -> tuple[list[dict], int]:
 def prepare_heldout(data_dir: Path, manifest: str | os.PathLike | None = None, tokenizer_dir: str | os.PathLike | None = None) -> dict:
     from transformers import AutoTokenizer
 
-    from ouroboros_peft.data import default_manifest_path, load_heldout_manifest
+    from ouroboros_peft.data import default_manifest_path, load_heldout_manifest, tokenizer_sha256
     from ouroboros_peft.default_model import default_model_dir
 
     manifest = Path(manifest) if manifest is not None else default_manifest_path()
     chunks, meta = load_heldout_manifest(manifest)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir) if tokenizer_dir is not None else str(default_model_dir()))
     expected = (meta.get("tokenizer") or {}).get("sha256")
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if expected and backend is not None:
-        import hashlib
-
-        actual = hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()
-        if actual != expected:
-            raise ValueError(f"{manifest} was tokenized with another tokenizer (sha256 {expected[:12]}..., this one {actual[:12]}...)")
+    actual = tokenizer_sha256(tokenizer)
+    if expected and actual is not None and actual != expected:
+        raise ValueError(f"{manifest} was tokenized with another tokenizer (sha256 {expected[:12]}..., this one {actual[:12]}...)")
     summary = {}
     for corpus in HELDOUT_CORPORA:
         if corpus not in chunks:

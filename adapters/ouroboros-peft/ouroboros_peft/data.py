@@ -442,6 +442,18 @@ def sample_chunks(
     return chunks[idx].clone(), idx
 
 
+def tokenizer_sha256(tokenizer) -> str | None:
+    """sha256 of a fast tokenizer's serialised form (vocabulary, merges, normalisation): two tokenizers with the same
+    value split every text the same way. None for a tokenizer without a serialisable backend."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        return None
+    try:
+        return hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()
+    except Exception:  # pragma: no cover - informational only
+        return None
+
+
 def _tokenizer_info(tokenizer) -> dict:
     info = {
         "name_or_path": str(getattr(tokenizer, "name_or_path", "") or ""),
@@ -450,12 +462,9 @@ def _tokenizer_info(tokenizer) -> dict:
         "len": int(len(tokenizer)) if hasattr(tokenizer, "__len__") else None,
         "eos_token_id": getattr(tokenizer, "eos_token_id", None),
     }
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and hasattr(backend, "to_str"):
-        try:
-            info["sha256"] = hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()
-        except Exception:  # pragma: no cover - informational only
-            pass
+    digest = tokenizer_sha256(tokenizer)
+    if digest is not None:
+        info["sha256"] = digest
     return info
 
 
@@ -589,7 +598,7 @@ def training_token_stream(
 
     vocab = int(len(tokenizer))
     eos = _eos_id(tokenizer)
-    fingerprint = _tokenizer_info(tokenizer).get("sha256", "")
+    fingerprint = tokenizer_sha256(tokenizer) or ""
     cache_file = data_cache_dir(cache_dir) / "tokens" / f"python_docs_train_vocab{vocab}.safetensors"
     if use_cache and cache_file.is_file():
         with safe_open(str(cache_file), framework="pt") as f:
