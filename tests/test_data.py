@@ -272,8 +272,8 @@ def test_training_token_cache_is_not_served_to_another_tokenizer_of_the_same_siz
         return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
 
     src = tmp_path / "src"
-    for i in range(3):
-        (src / f"d{i}.rst.txt").parent.mkdir(parents=True, exist_ok=True)
+    src.mkdir()
+    for i in range(3):  # d0 is held out; training text starts with d1
         (src / f"d{i}.rst.txt").write_text("w4 w5 w6 " * (i + 1), encoding="utf-8")
     first, second = word_tokenizer(False), word_tokenizer(True)
     assert len(first) == len(second)
