@@ -16,7 +16,7 @@ Experiments
     coda        controller with and without a trainable coda LoRA (rank 8), and static with it
     equal_params  controller_tiny (Controller width 16, state 16: trainable parameters within 2 % of static's) beside
                 controller and static
-    lr          controller at lr {5e-4, 1e-3, 2e-3, 4e-3}
+    lr          controller and static at lr {5e-4, 1e-3, 2e-3, 4e-3} (--arms picks a subset)
 
 Example (the headline at the anchors' budget, 221 updates of 4 x 256 tokens):
     python evals/study.py headline --updates 221 --batch-size 4 --chunks 64 --save
@@ -74,7 +74,9 @@ def experiments(with_static: bool) -> dict:
             "static": (dict(modulation="static"), {}),
             "controller_tiny": (dict(controller_hidden=16, controller_state_dim=16), {}),
         },
-        "lr": {f"controller_lr{lr:g}": ({}, dict(lr=lr)) for lr in (5e-4, 1e-3, 2e-3, 4e-3)},
+        "lr": {f"{kind}_lr{lr:g}": (over, dict(lr=lr))
+               for kind, over in (("controller", {}), ("static", dict(modulation="static")))
+               for lr in (5e-4, 1e-3, 2e-3, 4e-3)},
     }
 
 

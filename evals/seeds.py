@@ -1,0 +1,131 @@
+"""Seed spread of a study pair: the same arms trained with different seeds, read from saved results files.
+
+Each results file (schema of `ouroboros eval`) is one seed of the same experiment. The script checks that every file
+was evaluated on the same held-out tokens (identical full / pruned NLLs), then reports per arm and corpus the NLL and
+gap recovery of each seed, their mean and sample standard deviation, and per seed the difference between two arms
+(`--compare A B`: NLL_A - NLL_B, negative = A better). Nothing is trained or evaluated here.
+
+    python evals/seeds.py evals/results/headline.json evals/results/headline_seed1.json \\
+        evals/results/headline_seed2.json --compare controller static --out evals/results/headline_seeds.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+REFERENCE_ARMS = ("full", "pruned")
+
+
+def load(paths: list[str]) -> list[dict]:
+    runs = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SystemExit(f"cannot read results file {path}: {exc}")
+        if not isinstance(data, dict) or not isinstance(data.get("arms"), dict):
+            raise SystemExit(f"{path} is not a results file (no 'arms' mapping)")
+        runs.append(data)
+    return runs
+
+
+def check_same_heldout(paths: list[str], runs: list[dict], tol: float = 1e-6) -> None:
+    first = runs[0]["arms"]
+    for path, run in zip(paths[1:], runs[1:]):
+        for ref in REFERENCE_ARMS:
+            for corpus, row in first[ref]["heldout"].items():
+                other = run["arms"].get(ref, {}).get("heldout", {}).get(corpus)
+                if other is None or abs(other["nll"] - row["nll"]) > tol:
+                    raise SystemExit(f"{path}: {ref} NLL on {corpus} differs from {paths[0]}'s, so the seeds were not "
+                                     "evaluated on the same held-out tokens")
+
+
+def spread(values: list[float]) -> dict:
+    return {"per_seed": values, "mean": statistics.fmean(values),
+            "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values)}
+
+
+def summarise(paths: list[str], arms: list[str], compare: tuple[str, str] | None) -> dict:
+    runs = load(paths)
+    for path, run in zip(paths, runs):
+        missing = [a for a in (*REFERENCE_ARMS, *arms) if a not in run["arms"]]
+        if missing:
+            raise SystemExit(f"{path} has no arm(s) {missing}; it has {sorted(run['arms'])}")
+    check_same_heldout(paths, runs)
+    corpora = list(runs[0]["arms"]["full"]["heldout"])
+    out = {"files": paths, "corpora": corpora, "arms": {}}
+    for arm in arms:
+        out["arms"][arm] = {
+            corpus: {key: spread([run["arms"][arm]["heldout"][corpus][key] for run in runs])
+                     for key in ("nll", "gap_recovery")}
+            for corpus in corpora
+        }
+    if compare:
+        a, b = compare
+        out["compare"] = {"arms": [a, b], "nll_difference": {
+            corpus: spread([run["arms"][a]["heldout"][corpus]["nll"] - run["arms"][b]["heldout"][corpus]["nll"]
+                            for run in runs])
+            for corpus in corpora}}
+    return out
+
+
+def markdown(summary: dict) -> str:
+    corpora = summary["corpora"]
+    lines = ["| arm | " + " | ".join(f"{c} gap rec. per seed | {c} mean (sd)" for c in corpora) + " |",
+             "|---|" + "---|---|" * len(corpora)]
+    for arm, rows in summary["arms"].items():
+        cells = []
+        for c in corpora:
+            g = rows[c]["gap_recovery"]
+            cells += [" / ".join(f"{100 * v:.1f}" for v in g["per_seed"]), f"{100 * g['mean']:.1f} ({100 * g['sd']:.1f})"]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    if "compare" in summary:
+        a, b = summary["compare"]["arms"]
+        cells = []
+        for c in corpora:
+            d = summary["compare"]["nll_difference"][c]
+            cells += [" / ".join(f"{v:+.3f}" for v in d["per_seed"]), f"{d['mean']:+.3f} ({d['sd']:.3f})"]
+        lines.append(f"| {a} - {b} NLL (nats) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", nargs="+", help="results files, one per seed")
+    ap.add_argument("--arms", default="controller,static", help="comma-separated arms to summarise")
+    ap.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None, help="report NLL_A - NLL_B per seed")
+    ap.add_argument("--out", default=None, help="write the summary JSON here (with the command)")
+    args = ap.parse_args(argv)
+    if len(args.results) < 2:
+        ap.error("give at least two results files (one per seed)")
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if args.compare:
+        arms += [a for a in args.compare if a not in arms]
+    summary = summarise(args.results, arms, tuple(args.compare) if args.compare else None)
+    summary["command"] = "python evals/seeds.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(markdown(summary))
+    if args.out:
+        write_atomic(Path(args.out), json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
