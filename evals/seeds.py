@@ -40,7 +40,7 @@ def check_same_heldout(paths: list[str], runs: list[dict], tol: float = 1e-6) ->
     for path, run in zip(paths[1:], runs[1:]):
         for ref in REFERENCE_ARMS:
             for corpus, row in first[ref]["heldout"].items():
-                other = run["arms"].get(ref, {}).get("heldout", {}).get(corpus)
+                other = run["arms"][ref]["heldout"].get(corpus)  # summarise() checked that the arm exists
                 if other is None or abs(other["nll"] - row["nll"]) > tol:
                     raise SystemExit(f"{path}: {ref} NLL on {corpus} differs from {paths[0]}'s, so the seeds were not "
                                      "evaluated on the same held-out tokens")
