@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from ouroboros_plugins.atomic import write_json
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
@@ -128,13 +130,6 @@ def recurrence_overhead(model, batch: int, seq: int, vocab: int, repeats: int) -
     return {"plain_seconds": p, "ouroboros_seconds": o, "ratio": statistics.median(ratios),
             "ratio_min": min(ratios), "ratio_max": max(ratios), "pairs": repeats, "calls_per_sample": inner,
             "layer_applications": len(sequence)}
-
-
-def write_json(out: Path, results: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(out)
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,6 @@ is the same on any hardware.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -27,6 +26,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from ouroboros_plugins.atomic import write_json
 
 # (group, pattern on the trainable parameter's name); the first match names the group
 GROUPS = (
@@ -109,11 +110,7 @@ def main(argv=None) -> int:
               "updates": args.updates, "tokens_per_update": args.batch_size * args.seq_len, "lr": args.lr,
               "schedule": "1 warmup update, then constant"}, "wall_s": wall, "groups": rows,
               "torch": torch.__version__}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f".{out.name}.tmp")
-    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp_out, out)
+    write_json(Path(args.out), report)
     print("| group | elements | changed, fp32 trainables | changed, pure bf16 |")
     print("|---|---|---|---|")
     for g in rows["fp32 trainables"]:

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from ouroboros_plugins.atomic import write_text
+
 SPLIT = dict(num_prelude_layers=7, num_coda_layers=7, recurrent_layer_index=15, num_steps=4, r=32)
 ARMS = {
     "controller": dict(modulation="controller", controller_pooling="causal_mean"),
@@ -127,9 +129,7 @@ def main(argv=None) -> int:
     print(f"results: {out / 'eval' / 'results.json'}; table: {out / 'eval' / 'results.md'}; plots: "
           + ", ".join(str(out / 'eval' / p) for p in details.get("plots", [])))
     if args.results_json:
-        dest = Path(args.results_json)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_text((out / "eval" / "results.json").read_text())
+        write_text(Path(args.results_json), (out / "eval" / "results.json").read_text())
     return 0
 
 

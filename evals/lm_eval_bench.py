@@ -26,11 +26,11 @@ import json
 import math
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from ouroboros_plugins.atomic import atomic_dir, write_json, write_text
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / "evals" / "tasks"
@@ -44,19 +44,6 @@ HELDOUT = ("indist", "wikipedia", "reddit")
 
 def log(msg: str) -> None:
     print(f"[lm-eval-bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -104,19 +91,10 @@ def build_pruned_checkpoint(base_dir: str, split: dict, out: Path) -> Path:
     model.config.num_hidden_layers = len(keep)
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = [model.config.layer_types[i] for i in keep]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(base_dir).save_pretrained(tmp)
         (tmp / "ouroboros_pruned.json").write_text(json.dumps({"base": str(base_dir), "layers": list(keep)}) + "\n")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -267,7 +245,7 @@ def update_doc(path: Path, section: str) -> None:
         text = before + block + after
     else:
         text = text.rstrip("\n") + "\n\n" + block
-    write_atomic(path, text)
+    write_text(path, text)
 
 
 def main(argv=None) -> int:
@@ -298,7 +276,7 @@ def main(argv=None) -> int:
         report = json.loads(args.render.read_text())
         if args.note is not None:
             report["note"] = args.note
-            write_atomic(args.render, json.dumps(report, indent=2) + "\n")
+            write_json(args.render, report)
         return publish(report, args.render, args.update_doc)
 
     tasks = [t for t in args.tasks.split(",") if t]
@@ -360,13 +338,13 @@ def main(argv=None) -> int:
         "arms": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out, json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     return publish(report, args.out, args.update_doc)
 
 
 def publish(report: dict, json_path: Path, doc: Path | None) -> int:
     table = markdown(report)
-    write_atomic(json_path.with_suffix(".md"), table)
+    write_text(json_path.with_suffix(".md"), table)
     print(table)
     if doc is not None:
         update_doc(doc, "## lm-eval-harness benchmark\n\n" + table)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
+
+from ouroboros_plugins.atomic import write_json
 
 REFERENCE_ARMS = ("full", "pruned")
 
@@ -95,18 +95,6 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", help="results files, one per seed")
@@ -123,7 +111,7 @@ def main(argv=None) -> int:
     summary["command"] = "python evals/seeds.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(markdown(summary))
     if args.out:
-        write_atomic(Path(args.out), json.dumps(summary, indent=2) + "\n")
+        write_json(Path(args.out), summary)
     return 0
 
 

@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from ouroboros_plugins.atomic import write_json, write_text
+
 SPLIT = dict(num_prelude_layers=7, num_coda_layers=7, recurrent_layer_index=15, num_steps=4, r=32)
 
 
@@ -143,7 +145,9 @@ def main(argv=None) -> int:
         return 0
     extra = {"study": {"experiment": args.experiment, "command": command, "updates": args.updates,
                        "tokens_per_update": 256 * args.batch_size * args.grad_accum, "lr": args.lr, "step_s_mean": step_s,
-                       "train_wall_s": wall_s}}
+                       "train_wall_s": wall_s,
+                       # what each arm changes from SPLIT and from the flags above (e.g. its own lr)
+                       "arm_overrides": {arm: {"adapter": a, "training": t} for arm, (a, t) in arms.items()}}}
     if "controller" in step_s and "static" in step_s:
         extra["study"]["controller_over_static_step_time"] = step_s["controller"] / step_s["static"]
     results = evaluate(str(model_dir), runs, str(root / "eval"), n_chunks=args.chunks, overwrite=True,
@@ -153,9 +157,8 @@ def main(argv=None) -> int:
     if args.save:
         name = args.save_as or args.experiment
         dest = Path(__file__).resolve().parent / "results"
-        dest.mkdir(parents=True, exist_ok=True)
-        (dest / f"{name}.json").write_text((root / "eval" / "results.json").read_text())
-        (dest / f"{name}.details.json").write_text(json.dumps(details, indent=2) + "\n")
+        write_text(dest / f"{name}.json", (root / "eval" / "results.json").read_text())
+        write_json(dest / f"{name}.details.json", details)
         log(f"saved evals/results/{name}.json")
     return 0
 

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ouroboros_plugins.atomic import write_json, write_text
+
 START, END = "<!-- vllm_bench:start -->", "<!-- vllm_bench:end -->"
 
 
@@ -183,9 +185,7 @@ def write_docs(path: Path, result: dict) -> None:
         text = head + body + rest.split(END, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + body + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text(path, text)
 
 
 def main(argv=None) -> int:
@@ -251,11 +251,7 @@ def main(argv=None) -> int:
         first_divergence=[d for d in divergence if d is not None],
     )
     result["target_met"] = result["speedup"] >= args.target
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    write_json(Path(args.out), result)
     print(table(result))
     if args.docs:
         write_docs(Path(args.docs), result)

@@ -34,7 +34,9 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Sequence
+from typing import Sequence
+
+from ouroboros_plugins.atomic import write_jsonl
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA_DIR = HERE / "data"
@@ -46,24 +48,6 @@ HELLASWAG_FIELDS = ("activity_label", "ctx_a", "ctx_b", "endings", "label")
 # ---------------------------------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------------------------------
-def write_jsonl(records: Iterable[dict], path: Path) -> int:
-    """Write records atomically (temp file + rename); returns the count."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                count += 1
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return count
-
-
 # ---------------------------------------------------------------------------------------------------
 # BIG-bench
 # ---------------------------------------------------------------------------------------------------
@@ -140,7 +124,7 @@ def prepare_bigbench(data_dir: Path, sdist: str | os.PathLike | None = None, nam
         summary = {}
         for name, task in tasks.items():
             records, skipped = bigbench_to_hellaswag(task, name)
-            write_jsonl(records, data_dir / "bigbench" / f"{name}.jsonl")
+            write_jsonl(data_dir / "bigbench" / f"{name}.jsonl", records)
             summary[name] = {"examples": len(records), "skipped": skipped}
         return summary
     finally:
@@ -180,7 +164,7 @@ def prepare_heldout(data_dir: Path, manifest: str | os.PathLike | None = None, t
         if corpus not in chunks:
             raise ValueError(f"{manifest} has no {corpus!r} corpus (has {sorted(chunks)})")
         records, exact = heldout_records(chunks[corpus], tokenizer, corpus)
-        write_jsonl(records, data_dir / "heldout" / f"{corpus}.jsonl")
+        write_jsonl(data_dir / "heldout" / f"{corpus}.jsonl", records)
         summary[corpus] = {"chunks": len(records), "exact_roundtrip": exact, "tokens": sum(r["n_tokens"] for r in records)}
     return summary
 
@@ -212,7 +196,7 @@ def read_hellaswag(path: str | os.PathLike) -> list[dict]:
 
 def prepare_hellaswag(data_dir: Path, source: str | os.PathLike) -> dict:
     rows = read_hellaswag(source)
-    count = write_jsonl(rows, data_dir / "hellaswag" / "hellaswag_val.jsonl")
+    count = write_jsonl(data_dir / "hellaswag" / "hellaswag_val.jsonl", rows)
     return {"hellaswag": {"examples": count}}
 
 

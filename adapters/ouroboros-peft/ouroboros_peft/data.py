@@ -39,6 +39,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from ouroboros_plugins.atomic import atomic_path
+
 __all__ = [
     "CHUNK_LEN",
     "N_CHUNKS",
@@ -215,10 +217,8 @@ def extract_squad_shifts(sdist: str | os.PathLike, dest: str | os.PathLike) -> d
                 fh = tar.extractfile(m)
                 assert fh is not None
                 out = dest / base
-                tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-                with fh, open(tmp, "wb") as f:
+                with atomic_path(out) as tmp, fh, open(tmp, "wb") as f:
                     shutil.copyfileobj(fh, f)
-                os.replace(tmp, out)
                 found[wanted[base]] = out
     missing = sorted(set(SQUAD_SHIFTS_FILES) - set(found))
     if missing:
@@ -244,16 +244,14 @@ def download_verified(url: str, dest: Path, sha256: str, timeout: float = 180.0)
     """Stream ``url`` to ``dest`` (via a temporary name) and keep it only if its sha256 matches."""
     import urllib.request
 
-    tmp = dest.with_name(dest.name + ".part")
     digest = hashlib.sha256()
-    with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
-        while chunk := response.read(1 << 20):
-            digest.update(chunk)
-            out.write(chunk)
-    if digest.hexdigest() != sha256:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"{url}: sha256 {digest.hexdigest()} does not match the expected {sha256}")
-    tmp.replace(dest)
+    with atomic_path(dest) as tmp:  # a failed download or a wrong checksum leaves no file behind
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != sha256:
+            raise RuntimeError(f"{url}: sha256 {digest.hexdigest()} does not match the expected {sha256}")
     return dest
 
 
@@ -523,16 +521,8 @@ def build_heldout_chunks(
 def _save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def write_heldout_manifest(chunks: Mapping[str, torch.Tensor], meta: dict, out_path: str | os.PathLike) -> Path:

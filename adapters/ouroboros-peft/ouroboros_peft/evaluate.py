@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from collections import defaultdict
@@ -32,8 +31,10 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from ouroboros_plugins.atomic import atomic_path, write_json, write_text
+
 from .data import CORPORA, cache_root, default_manifest_path, heldout_nll, load_heldout_manifest
-from .train import _write_json_atomic, load_base, peak_rss_mb, read_log
+from .train import load_base, peak_rss_mb, read_log
 
 __all__ = [
     "ARM_ORDER",
@@ -247,8 +248,8 @@ def evaluate(
         with pruned_layers(model, layer_ids):
             nll["pruned"], timing["pruned"] = _eval_corpora(model, chunks, "pruned", progress)
         if reuse_reference:
-            _write_json_atomic(ref_file, {"full": nll["full"], "pruned": nll["pruned"], "timing": {k: timing[k] for k in ("full", "pruned")},
-                                          "base": str(base_dir), "split": list(split), "n_chunks": n_chunks})
+            write_json(ref_file, {"full": nll["full"], "pruned": nll["pruned"], "timing": {k: timing[k] for k in ("full", "pruned")},
+                                  "base": str(base_dir), "split": list(split), "n_chunks": n_chunks}, sort_keys=True)
     diag: dict[str, dict] = {}
     params: dict[str, int] = {"full": 0, "pruned": 0}
     for name, r in resolved.items():
@@ -296,20 +297,14 @@ def evaluate(
     if extra_details:
         details.update(extra_details)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(out_dir / "results.json", results, sort_keys=False)
-    _write_json_atomic(out_dir / "details.json", details, sort_keys=False)
+    write_json(out_dir / "results.json", results)
+    write_json(out_dir / "details.json", details)
     table = markdown_table(results, details)
-    _write_text_atomic(out_dir / "results.md", table)
+    write_text(out_dir / "results.md", table)
     if plots:
         details["plots"] = write_plots(out_dir, resolved, results, diag)
-        _write_json_atomic(out_dir / "details.json", details, sort_keys=False)
+        write_json(out_dir / "details.json", details)
     return results
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def markdown_table(results: dict, details: Optional[dict] = None) -> str:
@@ -378,7 +373,8 @@ def write_plots(out_dir: Path, resolved: Mapping[str, dict], results: dict, diag
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = out_dir / "loss_curves.png"
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     written.append(path.name)
 
@@ -397,7 +393,8 @@ def write_plots(out_dir: Path, resolved: Mapping[str, dict], results: dict, diag
             ax.legend(fontsize=8)
         fig.tight_layout()
         path = out_dir / "recurrence.png"
-        fig.savefig(path, dpi=110)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         written.append(path.name)
     return written

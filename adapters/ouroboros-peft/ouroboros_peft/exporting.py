@@ -7,12 +7,11 @@ OUT_DIR and renamed into place at the end, so a failed export leaves nothing hal
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import save_file
+
+from ouroboros_plugins.atomic import atomic_dir
 
 from .config import WEIGHTS_NAME, check_weights_file
 from .modeling import ARCHITECTURE, SPEC_FIELDS, OuroborosLMConfig
@@ -90,9 +89,7 @@ def export(base_dir, adapter_dir, out_dir, overwrite: bool = False, dtype=None) 
     config = exported_config(base_config, spec, plan)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         config.save_pretrained(tmp)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         try:
@@ -101,17 +98,6 @@ def export(base_dir, adapter_dir, out_dir, overwrite: bool = False, dtype=None) 
             generation = GenerationConfig.from_model_config(base_config)
         generation.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

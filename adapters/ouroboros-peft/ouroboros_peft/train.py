@@ -29,18 +29,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+from ouroboros_plugins.atomic import atomic_dir, write_json, write_jsonl
 
 __all__ = [
     "TrainConfig",
@@ -375,25 +375,6 @@ def _check_against_model(cfg: TrainConfig, model) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _write_json_atomic(path: Path, data, sort_keys: bool = True) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=sort_keys)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
-def _write_lines_atomic(path: Path, records: list) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        for r in records:
-            f.write(json.dumps(r, sort_keys=True) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def read_log(run_dir) -> list:
     path = Path(run_dir) / "log.jsonl"
     if not path.is_file():
@@ -411,8 +392,7 @@ def _save_checkpoint(run_dir: Path, update: int, named, optimizer, state: dict, 
     ckpts = run_dir / "checkpoints"
     ckpts.mkdir(parents=True, exist_ok=True)
     final = ckpts / f"ckpt-{update:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=ckpts))
-    try:
+    with atomic_dir(final) as tmp:
         save_file({n: p.detach().clone().contiguous() for n, p in named}, str(tmp / "trainable.safetensors"))
         opt_tensors, steps = {}, {}
         opt_state = optimizer.state
@@ -429,15 +409,8 @@ def _save_checkpoint(run_dir: Path, update: int, named, optimizer, state: dict, 
             groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"})
         meta = {"steps": steps, "param_groups": groups, "param_names": [n for n, _ in named]}
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata={"ouroboros_optimizer": json.dumps(meta)})
-        _write_json_atomic(tmp / "state.json", state)
-        os.chmod(tmp, 0o755)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _write_json_atomic(run_dir / "latest.json", {"checkpoint": f"checkpoints/{final.name}", "update": update})
+        write_json(tmp / "state.json", state, sort_keys=True)
+    write_json(run_dir / "latest.json", {"checkpoint": f"checkpoints/{final.name}", "update": update}, sort_keys=True)
     old = sorted(p for p in ckpts.glob("ckpt-*") if p.is_dir())
     for p in old[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
@@ -482,16 +455,8 @@ def _load_checkpoint(ckpt: Path, named, optimizer) -> dict:
 
 
 def _save_adapter(model, out: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp))
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _prepare_run_dir(cfg: TrainConfig, overwrite: bool, resume: bool) -> Path:
@@ -584,12 +549,12 @@ def train(
             last_ckpt = run / json.loads(latest.read_text())["checkpoint"]
             state = _load_checkpoint(last_ckpt, named, optimizer)
             start_update, position, elapsed_before = state["update"], state["position"], state["elapsed_s"]
-            _write_lines_atomic(run / "log.jsonl", [r for r in read_log(run) if r["update"] <= start_update])
+            write_jsonl(run / "log.jsonl", [r for r in read_log(run) if r["update"] <= start_update], sort_keys=True)
         else:
-            _write_lines_atomic(run / "log.jsonl", [])
+            write_jsonl(run / "log.jsonl", [])
     else:
-        _write_json_atomic(run / "config.json", cfg.to_json())
-        _write_lines_atomic(run / "log.jsonl", [])
+        write_json(run / "config.json", cfg.to_json(), sort_keys=True)
+        write_jsonl(run / "log.jsonl", [])
 
     n_trainable = sum(p.numel() for p in params)
     log_file = open(run / "log.jsonl", "a")
@@ -687,6 +652,6 @@ def train(
         "adapter": dict(cfg.adapter),
         "torch_threads": torch.get_num_threads(),
     }
-    _write_json_atomic(run / "summary.json", summary)
+    write_json(run / "summary.json", summary, sort_keys=True)
     model.eval()
     return TrainResult(run_dir=run, summary=summary, model=model)
