@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     if "controller" in step_s and "static" in step_s:
         extra["study"]["controller_over_static_step_time"] = step_s["controller"] / step_s["static"]
     results = evaluate(str(model_dir), runs, str(root / "eval"), n_chunks=args.chunks, overwrite=True,
-                       reuse_reference=True, extra_details=extra)
+                       reuse_reference=True, reuse_arms=True, extra_details=extra)
     details = json.loads((root / "eval" / "details.json").read_text())
     print(markdown_table(results, details))
     if args.save:

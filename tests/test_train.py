@@ -371,3 +371,49 @@ def test_cli_train_then_eval_writes_the_results_schema(base_dir, text_file, tmp_
     assert (out / "results.md").read_text().startswith("| arm |")
     pytest.importorskip("matplotlib")
     assert (out / "loss_curves.png").stat().st_size > 1000 and (out / "recurrence.png").stat().st_size > 1000
+
+
+def test_evaluation_cache_reuses_only_the_same_adapter_on_the_same_tokens(base_dir, text_file, tmp_path, monkeypatch):
+    """reuse_reference / reuse_arms: a second evaluation takes the full, pruned and arm NLLs from `<cache>/evals/`
+    (proved by planting a value there), and an arm whose weights changed is scored again."""
+    from ouroboros_peft.data import write_heldout_manifest
+    from ouroboros_peft.evaluate import evaluate
+
+    monkeypatch.setenv("OUROBOROS_CACHE", str(tmp_path / "cache"))
+    g = torch.Generator().manual_seed(0)
+    chunks = {c: torch.randint(4, 96, (2, SEQ), generator=g) for c in ("indist", "wikipedia", "reddit")}
+    manifest = write_heldout_manifest(chunks, {"protocol": {"n_chunks": 2}}, tmp_path / "manifest.safetensors")
+    for name in ("a", "b"):
+        train(config(base_dir, text_file, tmp_path / name, max_updates=2, seed={"a": 0, "b": 1}[name]))
+    kw = dict(n_chunks=2, manifest=str(manifest), overwrite=True, plots=False, progress=False,
+              reuse_reference=True, reuse_arms=True)
+
+    first = evaluate(str(base_dir), {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}, str(tmp_path / "e1"), **kw)
+    cached = sorted((tmp_path / "cache" / "evals").glob("*.json"))
+    assert [p.name.split("-")[0] for p in cached] == ["arm", "arm", "reference"]
+    details = json.loads((tmp_path / "e1" / "details.json").read_text())
+    assert details["arms_reused"] == [] and details["reference_reused"] is False
+
+    # plant a value in arm a's entry: a reused entry shows it, so a changed result proves the cache was read
+    entry_a = next(p for p in cached if json.loads(p.read_text())["adapter"] == str(tmp_path / "a" / "adapter"))
+    planted = json.loads(entry_a.read_text())
+    planted["nll"]["wikipedia"] = 1.5
+    entry_a.write_text(json.dumps(planted))
+    second = evaluate(str(base_dir), {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}, str(tmp_path / "e2"), **kw)
+    assert second["arms"]["a"]["heldout"]["wikipedia"]["nll"] == 1.5
+    assert second["arms"]["b"] == first["arms"]["b"] and second["arms"]["full"] == first["arms"]["full"]
+    details = json.loads((tmp_path / "e2" / "details.json").read_text())
+    assert details["arms_reused"] == ["a", "b"] and details["reference_reused"] is True
+    assert details["diagnostics"]["b"] == json.loads((tmp_path / "e1" / "details.json").read_text())["diagnostics"]["b"]
+
+    # arm a retrained with another seed: other bytes, so it is scored again
+    train(config(base_dir, text_file, tmp_path / "a", max_updates=2, seed=2), overwrite=True)
+    third = evaluate(str(base_dir), {"a": str(tmp_path / "a")}, str(tmp_path / "e3"), **kw)
+    assert json.loads((tmp_path / "e3" / "details.json").read_text())["arms_reused"] == []
+    assert third["arms"]["a"]["heldout"]["wikipedia"]["nll"] not in (1.5, first["arms"]["a"]["heldout"]["wikipedia"]["nll"])
+
+    # without the flags nothing is read from the cache
+    fourth = evaluate(str(base_dir), {"a": str(tmp_path / "a")}, str(tmp_path / "e4"), n_chunks=2, manifest=str(manifest),
+                      overwrite=True, plots=False, progress=False)
+    assert json.loads((tmp_path / "e4" / "details.json").read_text())["arms_reused"] == []
+    assert fourth["arms"]["a"]["heldout"] == third["arms"]["a"]["heldout"]

@@ -106,7 +106,8 @@ def cmd_eval(args) -> int:
         arms[name] = path
     corpora = [c.strip() for c in args.corpora.split(",") if c.strip()]
     results = evaluate(args.base, arms, args.out, corpora=corpora, n_chunks=args.chunks, manifest=args.manifest,
-                       overwrite=args.overwrite, reuse_reference=args.reuse_reference, plots=not args.no_plots)
+                       overwrite=args.overwrite, reuse_reference=args.reuse_reference, reuse_arms=args.reuse_arms,
+                       plots=not args.no_plots)
     print(markdown_table(results))
     print(f"wrote {args.out}/results.json")
     return 0
@@ -175,5 +176,7 @@ def ouroboros_register_commands(subparsers):
     p.add_argument("--chunks", type=int, default=64, help="chunks per corpus (64 = the full protocol)")
     p.add_argument("--manifest", default=None, help="held-out manifest (default: the cached one)")
     p.add_argument("--reuse-reference", action="store_true", help="cache/reuse the full and pruned NLLs for these exact tokens")
+    p.add_argument("--reuse-arms", action="store_true",
+                   help="cache/reuse each trained arm's NLLs for these exact tokens and this exact adapter")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_eval)

@@ -177,6 +177,15 @@ def _reference_key(base_dir: Path, split: tuple, chunks: Mapping[str, torch.Tens
     return digest.hexdigest()[:24]
 
 
+def _arm_key(reference_key: str, adapter_dir: Path, diagnostics_chunks: int) -> str:
+    """The reference key (model, split, exact tokens) + the adapter's exact bytes (config and weights)."""
+    digest = hashlib.sha256(f"{reference_key}:{diagnostics_chunks}".encode())
+    for f in [adapter_dir / "adapter_config.json"] + sorted(adapter_dir.glob("*.safetensors")):
+        digest.update(f.name.encode())
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:24]
+
+
 def evaluate(
     base: str,
     arms: Mapping[str, str],
@@ -187,6 +196,7 @@ def evaluate(
     manifest: Optional[str] = None,
     overwrite: bool = False,
     reuse_reference: bool = False,
+    reuse_arms: bool = False,
     diagnostics_chunks: int = 4,
     plots: bool = True,
     progress: bool = True,
@@ -196,7 +206,9 @@ def evaluate(
     `n_chunks` chunks of each held-out corpus; write the outputs listed in the module docstring into `out`.
 
     reuse_reference: keep the full/pruned NLLs in `<cache>/evals/` keyed by model, split and exact tokens, and
-    reuse them when they are there (they do not depend on training)."""
+    reuse them when they are there (they do not depend on training).
+    reuse_arms: the same for each trained arm, keyed also by the adapter's exact bytes (config and weights), so
+    evaluating an experiment again scores only the arms that are new or changed."""
     from peft import PeftModel
 
     import ouroboros_peft  # noqa: F401  (registers the PEFT type)
@@ -236,7 +248,8 @@ def evaluate(
 
     nll: dict[str, dict] = {}
     timing: dict[str, float] = {}
-    ref_file = cache_root() / "evals" / f"reference-{_reference_key(base_dir, split, chunks)}.json"
+    reference_key = _reference_key(base_dir, split, chunks)
+    ref_file = cache_root() / "evals" / f"reference-{reference_key}.json"
     cached = json.loads(ref_file.read_text()) if reuse_reference and ref_file.is_file() else None
     if cached is not None:
         nll["full"], nll["pruned"] = cached["full"], cached["pruned"]
@@ -252,7 +265,18 @@ def evaluate(
                                   "base": str(base_dir), "split": list(split), "n_chunks": n_chunks}, sort_keys=True)
     diag: dict[str, dict] = {}
     params: dict[str, int] = {"full": 0, "pruned": 0}
+    arms_reused = []
     for name, r in resolved.items():
+        arm_file = cache_root() / "evals" / f"arm-{_arm_key(reference_key, r['adapter_dir'], diagnostics_chunks)}.json"
+        if reuse_arms and arm_file.is_file():
+            hit = json.loads(arm_file.read_text())
+            nll[name], timing[name], params[name] = hit["nll"], hit["eval_seconds"], hit["trainable_params"]
+            if "diagnostics" in hit:
+                diag[name] = hit["diagnostics"]
+            arms_reused.append(name)
+            if progress:
+                print(f"[eval] {name}: NLLs reused from {arm_file} (this adapter, scored earlier on the same tokens)", file=sys.stderr)
+            continue
         if model is None:
             model, _, _ = load_base(base)
         peft_model = PeftModel.from_pretrained(model, str(r["adapter_dir"]))
@@ -265,6 +289,10 @@ def evaluate(
             diag[name] = adapter_diagnostics(peft_model, src[:diagnostics_chunks])
         model = None  # the base now carries this adapter: load a clean one for the next arm
         del peft_model
+        if reuse_arms:
+            write_json(arm_file, {"nll": nll[name], "eval_seconds": timing[name], "trainable_params": params[name],
+                                  "adapter": str(r["adapter_dir"]), "n_chunks": n_chunks,
+                                  **({"diagnostics": diag[name]} if name in diag else {})}, sort_keys=True)
 
     arm_names = ["full", "pruned"] + list(resolved)
     results = {"model": base_dir.name, "arms": {}}  # the model folder's name; its full path is in details.json
@@ -288,6 +316,7 @@ def evaluate(
         "perplexity": {a: {c: math.exp(nll[a][c]) for c in corpora} for a in arm_names},
         "eval_seconds": timing,
         "reference_reused": cached is not None,
+        "arms_reused": arms_reused,
         "training": {name: r["summary"] for name, r in resolved.items()},
         "arm_paths": {name: str(arms[name]) for name in resolved},
         "diagnostics": diag,
