@@ -337,8 +337,7 @@ def main(argv=None) -> int:
         "note": args.note,
         "arms": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, report)
+    write_json(args.out, report)  # creates the folder
     return publish(report, args.out, args.update_doc)
 
 

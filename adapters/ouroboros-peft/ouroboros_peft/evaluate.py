@@ -249,7 +249,8 @@ def evaluate(
     nll: dict[str, dict] = {}
     timing: dict[str, float] = {}
     reference_key = _reference_key(base_dir, split, chunks)
-    ref_file = cache_root() / "evals" / f"reference-{reference_key}.json"
+    cache_dir = cache_root() / "evals"
+    ref_file = cache_dir / f"reference-{reference_key}.json"
     cached = json.loads(ref_file.read_text()) if reuse_reference and ref_file.is_file() else None
     if cached is not None:
         nll["full"], nll["pruned"] = cached["full"], cached["pruned"]
@@ -267,8 +268,9 @@ def evaluate(
     params: dict[str, int] = {"full": 0, "pruned": 0}
     arms_reused = []
     for name, r in resolved.items():
-        arm_file = cache_root() / "evals" / f"arm-{_arm_key(reference_key, r['adapter_dir'], diagnostics_chunks)}.json"
-        if reuse_arms and arm_file.is_file():
+        # hashing the adapter's bytes only when the cache is in use
+        arm_file = cache_dir / f"arm-{_arm_key(reference_key, r['adapter_dir'], diagnostics_chunks)}.json" if reuse_arms else None
+        if arm_file is not None and arm_file.is_file():
             hit = json.loads(arm_file.read_text())
             nll[name], timing[name], params[name] = hit["nll"], hit["eval_seconds"], hit["trainable_params"]
             if "diagnostics" in hit:
@@ -289,7 +291,7 @@ def evaluate(
             diag[name] = adapter_diagnostics(peft_model, src[:diagnostics_chunks])
         model = None  # the base now carries this adapter: load a clean one for the next arm
         del peft_model
-        if reuse_arms:
+        if arm_file is not None:
             write_json(arm_file, {"nll": nll[name], "eval_seconds": timing[name], "trainable_params": params[name],
                                   "adapter": str(r["adapter_dir"]), "n_chunks": n_chunks,
                                   **({"diagnostics": diag[name]} if name in diag else {})}, sort_keys=True)
