@@ -7,6 +7,12 @@ Every experiment trains its arms one after another with the same budget and data
     evals/results/<experiment>.json      results.json (schema of `ouroboros eval`), when --save is given
     evals/results/<experiment>.details.json  details + the exact command
 
+Provenance: arms are often trained by separate `--train-only` processes (two at a time) and evaluated later, so
+every call that trains an arm appends its command, start/end time and resume point to <arm>/study_runs.json; the
+evaluation collects those into details["study"]["train_runs"]. `--save` keeps what an earlier save of the same
+file recorded (`eval_commands`, `how_run`, hand-kept `train_commands`), appends this command to `eval_commands`
+and `--note TEXT` to `how_run`.
+
 Experiments
     headline    controller, static, no_gate at the default split (7 + layer 15 + 7, depth 4, r 32)
     depth_rank  controller (and static with --with-static) at depth {1,4,8,16} x rank {8,32,64}
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -82,6 +89,41 @@ def experiments(with_static: bool) -> dict:
     }
 
 
+# environment variables that change what a command does, written in front of it in the provenance
+PROVENANCE_ENV = ("OUROBOROS_CACHE", "OMP_NUM_THREADS")
+
+
+def shell_command(argv: list[str]) -> str:
+    """This call as a shell line, with the environment variables that matter in front."""
+    env = [f"{k}={shlex.quote(os.environ[k])}" for k in PROVENANCE_ENV if os.environ.get(k)]
+    return " ".join(env + ["python evals/study.py"] + [shlex.quote(a) for a in argv])
+
+
+def record_training(run: Path, command: str, started: str, summary: dict) -> None:
+    """Append one training call to <run>/study_runs.json (a list; a resumed arm has several)."""
+    path = run / "study_runs.json"
+    runs = json.loads(path.read_text()) if path.is_file() else []
+    runs.append({"command": command, "started": started, "ended": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                 "resumed_from_update": summary.get("resumed_from_update"), "updates": summary.get("updates")})
+    write_json(path, runs)
+
+
+def carried_provenance(details_path: Path, experiment: str, command: str, note: str | None) -> dict:
+    """The provenance fields of an earlier save of the same results file, with this call added."""
+    old = {}
+    if details_path.is_file():
+        old = json.loads(details_path.read_text()).get("study", {})
+        if old.get("experiment") not in (None, experiment):
+            raise SystemExit(f"{details_path} holds experiment {old.get('experiment')!r}, not {experiment!r}; "
+                             f"choose another --save-as")
+    kept = {k: old[k] for k in ("train_commands",) if k in old}
+    kept["eval_commands"] = [c for c in old.get("eval_commands", []) if c != command] + [command]
+    how = " ".join(s for s in (old.get("how_run"), note) if s)
+    if how:
+        kept["how_run"] = how
+    return kept
+
+
 def log(msg: str) -> None:
     print(f"[study {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -107,6 +149,10 @@ def main(argv=None) -> int:
                     help="train the arms and stop (e.g. to train arms in parallel processes, then evaluate with --resume)")
     ap.add_argument("--save", action="store_true", help="copy the results to evals/results/<experiment>.json (+ .details.json)")
     ap.add_argument("--save-as", default=None, help="name under evals/results/ instead of the experiment's")
+    ap.add_argument("--results-dir", default=str(Path(__file__).resolve().parent / "results"),
+                    help="where --save writes (default: evals/results)")
+    ap.add_argument("--note", default=None,
+                    help="with --save: a sentence on how this run was made (machine sharing, times), appended to how_run")
     args = ap.parse_args(argv)
 
     from ouroboros_peft.default_model import default_model_dir
@@ -120,9 +166,17 @@ def main(argv=None) -> int:
         if unknown:
             ap.error(f"unknown arms {unknown} for {args.experiment}: {list(arms)}")
         arms = {a: arms[a] for a in wanted}
+    argv_list = list(argv if argv is not None else sys.argv[1:])
+    command = "python evals/study.py " + " ".join(shlex.quote(a) for a in argv_list)
+    full_command = shell_command(argv_list)
+    if args.note and not args.save:
+        ap.error("--note is written with --save; give --save too")
+    if args.save:  # checked before any training: the file to add to must hold this experiment
+        name = args.save_as or args.experiment
+        dest = Path(args.results_dir)
+        carried = carried_provenance(dest / f"{name}.details.json", args.experiment, full_command, args.note)
     model_dir = default_model_dir()
     root = Path(args.out) / args.experiment
-    command = "python evals/study.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     runs, step_s, wall_s = {}, {}, {}
     for arm, (adapter_over, train_over) in arms.items():
         run = root / arm
@@ -136,7 +190,9 @@ def main(argv=None) -> int:
         else:
             resume = args.resume and (run / "latest.json").is_file()
             log(f"{arm}: {'resuming' if resume else 'training'} {cfg.max_updates} updates x {cfg.tokens_per_update} tokens")
+            started = time.strftime("%Y-%m-%dT%H:%M:%S")
             train(cfg, overwrite=True, resume=resume)
+            record_training(run, full_command, started, json.loads((run / "summary.json").read_text()))
         summary = json.loads((run / "summary.json").read_text())
         runs[arm], step_s[arm], wall_s[arm] = str(run), summary["step_s_mean"], summary["wall_s"]
         log(f"{arm}: {summary['train_tokens']:,} tokens, {summary['wall_s']:.0f}s, {summary['step_s_mean']:.1f} s/update, "
@@ -147,7 +203,12 @@ def main(argv=None) -> int:
                        "tokens_per_update": 256 * args.batch_size * args.grad_accum, "lr": args.lr, "step_s_mean": step_s,
                        "train_wall_s": wall_s,
                        # what each arm changes from SPLIT and from the flags above (e.g. its own lr)
-                       "arm_overrides": {arm: {"adapter": a, "training": t} for arm, (a, t) in arms.items()}}}
+                       "arm_overrides": {arm: {"adapter": a, "training": t} for arm, (a, t) in arms.items()},
+                       # every call that trained each arm (absent for arms trained before this was recorded)
+                       "train_runs": {arm: json.loads((Path(r) / "study_runs.json").read_text())
+                                      for arm, r in runs.items() if (Path(r) / "study_runs.json").is_file()}}}
+    if args.save:
+        extra["study"].update(carried)
     if "controller" in step_s and "static" in step_s:
         extra["study"]["controller_over_static_step_time"] = step_s["controller"] / step_s["static"]
     results = evaluate(str(model_dir), runs, str(root / "eval"), n_chunks=args.chunks, overwrite=True,
@@ -155,11 +216,9 @@ def main(argv=None) -> int:
     details = json.loads((root / "eval" / "details.json").read_text())
     print(markdown_table(results, details))
     if args.save:
-        name = args.save_as or args.experiment
-        dest = Path(__file__).resolve().parent / "results"
         write_text(dest / f"{name}.json", (root / "eval" / "results.json").read_text())
         write_json(dest / f"{name}.details.json", details)
-        log(f"saved evals/results/{name}.json")
+        log(f"saved {dest / name}.json")
     return 0
 
 

@@ -1,0 +1,107 @@
+"""evals/study.py: the provenance it records when arms are trained by separate calls and evaluated by a later one.
+
+Training and evaluation are replaced by stand-ins here (they have their own tests in test_train.py); what is under
+test is what the script writes around them."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import load_script
+
+study = load_script("study", Path(__file__).resolve().parents[1] / "evals" / "study.py")
+
+
+@pytest.fixture
+def stubbed(monkeypatch, tmp_path):
+    """Stand-ins for the base model, training and evaluation; returns the list of (arm, resumed) trainings."""
+    import ouroboros_peft.default_model as default_model
+    import ouroboros_peft.evaluate as evaluate
+    import ouroboros_peft.train as train
+
+    trained = []
+
+    def fake_train(cfg, overwrite=False, resume=False):
+        run = Path(cfg.out)
+        run.mkdir(parents=True, exist_ok=True)
+        trained.append((run.name, resume))
+        (run / "summary.json").write_text(json.dumps({
+            "step_s_mean": 1.0, "wall_s": 2.0, "train_tokens": 4, "final_train_loss": 3.0,
+            "resumed_from_update": 5 if resume else None, "updates": cfg.max_updates}))
+
+    def fake_evaluate(base, arms, out, **kw):
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        results = {"model": "m", "arms": {arm: {"trainable_params": 1} for arm in arms}}
+        (out / "results.json").write_text(json.dumps(results))
+        (out / "details.json").write_text(json.dumps(kw["extra_details"]))
+        return results
+
+    monkeypatch.setattr(default_model, "default_model_dir", lambda: tmp_path / "base")
+    monkeypatch.setattr(train, "train", fake_train)
+    monkeypatch.setattr(evaluate, "evaluate", fake_evaluate)
+    monkeypatch.setattr(evaluate, "markdown_table", lambda results, details: "")
+    monkeypatch.setenv("OUROBOROS_CACHE", "/some/cache")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    return trained
+
+
+def test_training_calls_and_evaluations_are_recorded_across_saves(stubbed, tmp_path, monkeypatch):
+    out, results = str(tmp_path / "runs"), tmp_path / "results"
+    common = ["--updates", "3", "--out", out, "--resume"]
+    # two processes train one arm each; the static arm continues an interrupted run
+    (tmp_path / "runs" / "headline" / "static").mkdir(parents=True)
+    (tmp_path / "runs" / "headline" / "static" / "latest.json").write_text("{}")
+    assert study.main(["headline", "--arms", "controller", "--train-only", *common]) == 0
+    assert study.main(["headline", "--arms", "static", "--train-only", *common]) == 0
+    assert stubbed == [("controller", False), ("static", True)]
+
+    save = ["headline", "--arms", "controller,static", *common, "--save", "--save-as", "h", "--results-dir", str(results)]
+    assert study.main(save) == 0
+    assert stubbed == [("controller", False), ("static", True)]  # finished arms are kept, not trained again
+    details = json.loads((results / "h.details.json").read_text())["study"]
+    runs = details["train_runs"]
+    assert [r["command"] for r in runs["controller"]] == [
+        f"OUROBOROS_CACHE=/some/cache python evals/study.py headline --arms controller --train-only {' '.join(common)}"]
+    assert runs["static"][0]["command"].endswith("--arms static --train-only " + " ".join(common))
+    assert [r["resumed_from_update"] for r in runs["static"]] == [5]
+    assert runs["controller"][0]["started"] <= runs["controller"][0]["ended"]
+    first_eval = "OUROBOROS_CACHE=/some/cache python evals/study.py " + " ".join(save)
+    assert details["eval_commands"] == [first_eval]
+    assert "how_run" not in details
+    assert json.loads((results / "h.json").read_text())["arms"].keys() == {"controller", "static"}
+
+    # a later save of the same file (here: with one thread and a note) keeps what the first one recorded,
+    # including fields written by hand such as the training commands of arms trained before this was recorded
+    path = results / "h.details.json"
+    kept = json.loads(path.read_text())
+    kept["study"]["train_commands"] = ["python evals/study.py headline --arms no_gate --train-only"]
+    kept["study"]["how_run"] = "First run alone."
+    path.write_text(json.dumps(kept))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert study.main(save + ["--note", "Second run beside a CI job."]) == 0
+    details = json.loads(path.read_text())["study"]
+    assert details["eval_commands"] == [first_eval, "OUROBOROS_CACHE=/some/cache OMP_NUM_THREADS=1 "
+                                        "python evals/study.py " + " ".join(save + ["--note", "'Second run beside a CI job.'"])]
+    assert details["how_run"] == "First run alone. Second run beside a CI job."
+    assert details["train_commands"] == ["python evals/study.py headline --arms no_gate --train-only"]
+    assert [r["resumed_from_update"] for r in details["train_runs"]["static"]] == [5]
+
+
+def test_saving_over_another_experiments_results_stops_before_training(stubbed, tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "h.details.json").write_text(json.dumps({"study": {"experiment": "pooling"}}))
+    with pytest.raises(SystemExit, match="holds experiment 'pooling', not 'headline'"):
+        study.main(["headline", "--arms", "controller", "--updates", "3", "--out", str(tmp_path / "runs"),
+                    "--save", "--save-as", "h", "--results-dir", str(results)])
+    assert stubbed == []
+    assert not (tmp_path / "runs").exists()
+
+
+def test_note_without_save_is_refused(stubbed, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        study.main(["headline", "--arms", "controller", "--out", str(tmp_path / "runs"), "--note", "x"])
+    assert "--note is written with --save" in capsys.readouterr().err
+    assert stubbed == []
