@@ -187,13 +187,13 @@ def main(argv=None) -> int:
         cfg = TrainConfig(**values)
         if args.resume and (run / "summary.json").is_file():
             log(f"{arm}: finished earlier, kept")
+            summary = json.loads((run / "summary.json").read_text())
         else:
             resume = args.resume and (run / "latest.json").is_file()
             log(f"{arm}: {'resuming' if resume else 'training'} {cfg.max_updates} updates x {cfg.tokens_per_update} tokens")
             started = time.strftime("%Y-%m-%dT%H:%M:%S")
-            train(cfg, overwrite=True, resume=resume)
-            record_training(run, full_command, started, json.loads((run / "summary.json").read_text()))
-        summary = json.loads((run / "summary.json").read_text())
+            summary = train(cfg, overwrite=True, resume=resume).summary
+            record_training(run, full_command, started, summary)
         runs[arm], step_s[arm], wall_s[arm] = str(run), summary["step_s_mean"], summary["wall_s"]
         log(f"{arm}: {summary['train_tokens']:,} tokens, {summary['wall_s']:.0f}s, {summary['step_s_mean']:.1f} s/update, "
             f"final train loss {summary['final_train_loss']:.3f}")

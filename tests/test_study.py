@@ -5,6 +5,7 @@ test is what the script writes around them."""
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -26,9 +27,10 @@ def stubbed(monkeypatch, tmp_path):
         run = Path(cfg.out)
         run.mkdir(parents=True, exist_ok=True)
         trained.append((run.name, resume))
-        (run / "summary.json").write_text(json.dumps({
-            "step_s_mean": 1.0, "wall_s": 2.0, "train_tokens": 4, "final_train_loss": 3.0,
-            "resumed_from_update": 5 if resume else None, "updates": cfg.max_updates}))
+        summary = {"step_s_mean": 1.0, "wall_s": 2.0, "train_tokens": 4, "final_train_loss": 3.0,
+                   "resumed_from_update": 5 if resume else None, "updates": cfg.max_updates}
+        (run / "summary.json").write_text(json.dumps(summary))
+        return SimpleNamespace(summary=summary)  # as train.TrainResult
 
     def fake_evaluate(base, arms, out, **kw):
         out = Path(out)
