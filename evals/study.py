@@ -26,6 +26,10 @@ Experiments
 
 Example (the headline at the anchors' budget, 221 updates of 4 x 256 tokens):
     python evals/study.py headline --updates 221 --batch-size 4 --chunks 64 --save
+
+Another base model: `--base PATH` (a local Hugging Face folder, Llama or Qwen2 family) with `--split P,L,C` (prelude
+layers, recurrent layer index, coda layers; default 7,15,7 for SmolLM2-135M's 30 layers), and `--train-text` /
+`--manifest` for other training text and held-out tokens (a manifest built with that model's tokenizer).
 """
 
 from __future__ import annotations
@@ -41,6 +45,18 @@ from pathlib import Path
 from ouroboros_plugins.atomic import write_json, write_text
 
 SPLIT = dict(num_prelude_layers=7, num_coda_layers=7, recurrent_layer_index=15, num_steps=4, r=32)
+
+
+def parse_split(text: str) -> dict:
+    """'P,L,C' -> SPLIT with that prelude length, recurrent layer index and coda length."""
+    try:
+        prelude, layer, coda = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--split wants three integers PRELUDE,LAYER,CODA (e.g. 7,15,7), got {text!r}")
+    if prelude < 0 or coda < 0 or layer < prelude:
+        raise argparse.ArgumentTypeError(f"--split {text}: the recurrent layer index must be >= the prelude length, "
+                                         f"and both lengths >= 0")
+    return {**SPLIT, "num_prelude_layers": prelude, "recurrent_layer_index": layer, "num_coda_layers": coda}
 
 
 def experiments(with_static: bool) -> dict:
@@ -132,6 +148,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("experiment", choices=sorted(experiments(False)))
     ap.add_argument("--out", default="runs/study")
+    ap.add_argument("--base", default="default",
+                    help="base model folder (Hugging Face format with tokenizer); default: the embedded SmolLM2-135M")
+    ap.add_argument("--split", type=parse_split, default=dict(SPLIT), metavar="P,L,C",
+                    help="prelude layers, recurrent layer index, coda layers (default 7,15,7)")
+    ap.add_argument("--train-text", default=None, help="training text file or folder (default: the Python docs training split)")
+    ap.add_argument("--manifest", default=None, help="held-out manifest (default: the one built for the embedded model)")
+    ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--arms", default=None, help="comma-separated subset of the experiment's arms")
     ap.add_argument("--updates", type=int, default=221)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -175,13 +198,24 @@ def main(argv=None) -> int:
         name = args.save_as or args.experiment
         dest = Path(args.results_dir)
         carried = carried_provenance(dest / f"{name}.details.json", args.experiment, full_command, args.note)
-    model_dir = default_model_dir()
+    if args.base == "default":
+        model_dir = default_model_dir()
+    elif not (Path(args.base) / "config.json").is_file():
+        ap.error(f"--base {args.base}: no config.json there (give a Hugging Face model folder)")
+    elif args.manifest is None:
+        ap.error(f"--base {args.base}: give --manifest too, built with that model's tokenizer "
+                 f"(ouroboros_peft.data.build_heldout_manifest(tokenizer, PATH)); the default one holds SmolLM2 token ids")
+    else:
+        model_dir = Path(args.base)
+    for flag, path in (("--train-text", args.train_text), ("--manifest", args.manifest)):
+        if path is not None and not Path(path).exists():
+            ap.error(f"{flag} {path}: no such file or folder")
     root = Path(args.out) / args.experiment
     runs, step_s, wall_s = {}, {}, {}
     for arm, (adapter_over, train_over) in arms.items():
         run = root / arm
-        values = dict(base=str(model_dir), out=str(run), adapter={**SPLIT, **adapter_over}, max_updates=args.updates,
-                      batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, seed=args.seed,
+        values = dict(base=str(model_dir), out=str(run), adapter={**args.split, **adapter_over}, max_updates=args.updates,
+                      train_text=args.train_text, manifest=args.manifest, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, seed=args.seed,
                       eval_every=args.eval_every, eval_chunks=args.eval_chunks, checkpoint_every=25, threads=args.threads)
         values.update(train_over)
         cfg = TrainConfig(**values)
@@ -200,9 +234,11 @@ def main(argv=None) -> int:
     if args.train_only:
         return 0
     extra = {"study": {"experiment": args.experiment, "command": command, "updates": args.updates,
-                       "tokens_per_update": 256 * args.batch_size * args.grad_accum, "lr": args.lr, "step_s_mean": step_s,
+                       "tokens_per_update": args.seq_len * args.batch_size * args.grad_accum,
+                       "base": args.base, "split": {k: args.split[k] for k in
+                                                    ("num_prelude_layers", "recurrent_layer_index", "num_coda_layers")}, "lr": args.lr, "step_s_mean": step_s,
                        "train_wall_s": wall_s,
-                       # what each arm changes from SPLIT and from the flags above (e.g. its own lr)
+                       # what each arm changes from the split and from the flags above (e.g. its own lr)
                        "arm_overrides": {arm: {"adapter": a, "training": t} for arm, (a, t) in arms.items()},
                        # every call that trained each arm (absent for arms trained before this was recorded)
                        "train_runs": {arm: json.loads((Path(r) / "study_runs.json").read_text())
@@ -211,7 +247,7 @@ def main(argv=None) -> int:
         extra["study"].update(carried)
     if "controller" in step_s and "static" in step_s:
         extra["study"]["controller_over_static_step_time"] = step_s["controller"] / step_s["static"]
-    results = evaluate(str(model_dir), runs, str(root / "eval"), n_chunks=args.chunks, overwrite=True,
+    results = evaluate(str(model_dir), runs, str(root / "eval"), n_chunks=args.chunks, manifest=args.manifest, overwrite=True,
                        reuse_reference=True, reuse_arms=True, extra_details=extra)
     details = json.loads((root / "eval" / "details.json").read_text())
     print(markdown_table(results, details))

@@ -1,7 +1,6 @@
-"""evals/study.py: the provenance it records when arms are trained by separate calls and evaluated by a later one.
-
-Training and evaluation are replaced by stand-ins here (they have their own tests in test_train.py); what is under
-test is what the script writes around them."""
+"""evals/study.py: the provenance it records when arms are trained by separate calls and evaluated by a later one
+(training and evaluation replaced by stand-ins: what is under test is what the script writes around them), and one
+experiment run end to end on a tiny model given as --base with its own split, training text and manifest."""
 
 import json
 from pathlib import Path
@@ -107,3 +106,83 @@ def test_note_without_save_is_refused(stubbed, tmp_path, capsys):
         study.main(["headline", "--arms", "controller", "--out", str(tmp_path / "runs"), "--note", "x"])
     assert "--note is written with --save" in capsys.readouterr().err
     assert stubbed == []
+
+
+# ---- end to end on a tiny model: real training and evaluation, another base, split, training text and manifest ----
+
+@pytest.fixture
+def tiny_setup(tmp_path, monkeypatch):
+    import random
+
+    import torch
+
+    from conftest import save_base
+    from ouroboros_peft.data import write_heldout_manifest
+
+    monkeypatch.setenv("OUROBOROS_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "base"
+    save_base(base, "llama")  # 6 layers, the tiny whitespace tokenizer of conftest (ids 4..99 are words w4..w99)
+    rng = random.Random(0)
+    text = tmp_path / "train.txt"
+    text.write_text(" ".join(f"w{rng.randrange(4, 96)}" if i % 3 else "w7" for i in range(3000)))
+    g = torch.Generator().manual_seed(0)
+    manifest = write_heldout_manifest({c: torch.randint(4, 96, (3, 32), generator=g) for c in ("indist", "wikipedia", "reddit")},
+                                      {"protocol": {"n_chunks": 3}}, tmp_path / "manifest.safetensors")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield ["--base", str(base), "--split", "2,2,2", "--train-text", str(text), "--manifest", str(manifest),
+           "--seq-len", "32", "--batch-size", "2", "--updates", "3", "--warmup", "1", "--chunks", "2"]
+    torch.set_num_threads(before)
+
+
+def test_headline_runs_end_to_end_on_another_base_and_split(tiny_setup, tmp_path):
+    out, results = tmp_path / "runs", tmp_path / "results"
+    assert study.main(["headline", *tiny_setup, "--out", str(out), "--save", "--save-as", "tiny",
+                       "--results-dir", str(results)]) == 0
+
+    saved = json.loads((results / "tiny.json").read_text())
+    arms = saved["arms"]
+    assert set(arms) == {"full", "pruned", "controller", "static", "no_gate"}
+    for name in ("controller", "static", "no_gate"):
+        assert arms[name]["train_tokens"] == 3 * 2 * 32
+        for corpus in ("indist", "wikipedia", "reddit"):
+            nll = arms[name]["heldout"][corpus]["nll"]
+            assert nll == nll and 0 < nll < 20
+    # each arm was trained as its name says, on the given split, text and manifest
+    configs = {name: json.loads((out / "headline" / name / "adapter" / "adapter_config.json").read_text())
+               for name in ("controller", "static", "no_gate")}
+    for cfg in configs.values():
+        assert (cfg["num_prelude_layers"], cfg["recurrent_layer_index"], cfg["num_coda_layers"]) == (2, 2, 2)
+    assert configs["static"]["modulation"] == "static" and configs["controller"]["modulation"] != "static"
+    assert configs["no_gate"]["use_gate"] is False and configs["controller"]["use_gate"] is True
+    assert arms["static"]["trainable_params"] != arms["controller"]["trainable_params"]
+    run_cfg = json.loads((out / "headline" / "controller" / "config.json").read_text())
+    assert run_cfg["train_text"] == tiny_setup[5] and run_cfg["manifest"] == tiny_setup[7] and run_cfg["seq_len"] == 32
+
+    study_details = json.loads((results / "tiny.details.json").read_text())["study"]
+    assert study_details["split"] == {"num_prelude_layers": 2, "recurrent_layer_index": 2, "num_coda_layers": 2}
+    assert study_details["base"] == tiny_setup[1] and study_details["tokens_per_update"] == 64
+    assert set(study_details["train_runs"]) == {"controller", "static", "no_gate"}
+    assert all(len(r) == 1 and r[0]["resumed_from_update"] is None for r in study_details["train_runs"].values())
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--split", "2,2", "three integers"),
+    ("--split", "3,1,2", "recurrent layer index must be >="),
+    ("--base", "nowhere", "no config.json"),
+    ("--train-text", "missing.txt", "no such file"),
+    ("--manifest", "missing.safetensors", "no such file"),
+    ("--manifest", None, "give --manifest too"),  # another base with the default (SmolLM2) manifest
+])
+def test_bad_base_split_or_paths_stop_before_training(tiny_setup, tmp_path, monkeypatch, capsys, flag, value, message):
+    monkeypatch.chdir(tmp_path)
+    args = list(tiny_setup)
+    i = args.index(flag)
+    if value is None:
+        del args[i:i + 2]
+    else:
+        args[i + 1] = value
+    with pytest.raises(SystemExit):
+        study.main(["headline", "--arms", "controller", *args, "--out", str(tmp_path / "runs")])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
