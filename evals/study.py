@@ -59,6 +59,24 @@ def parse_split(text: str) -> dict:
     return {**SPLIT, "num_prelude_layers": prelude, "recurrent_layer_index": layer, "num_coda_layers": coda}
 
 
+def check_arms(model_dir: Path, arms: dict, split: dict) -> None:
+    """Resolve every arm's adapter config against the base model's layers and projection sizes before any training,
+    on the meta device (no weights loaded), so a bad split or rank stops the study at once, not at its fifth arm."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ouroboros_peft.evaluate import pruned_plan
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    for arm, (adapter_over, _) in arms.items():
+        try:
+            pruned_plan(model, {**split, **adapter_over})
+        except ValueError as exc:
+            raise SystemExit(f"arm {arm} does not fit the base model {model_dir}: {exc}")
+
+
 def experiments(with_static: bool) -> dict:
     """experiment -> {arm: (adapter overrides, training overrides)}"""
     depth_rank = {}
@@ -210,13 +228,15 @@ def main(argv=None) -> int:
     for flag, path in (("--train-text", args.train_text), ("--manifest", args.manifest)):
         if path is not None and not Path(path).exists():
             ap.error(f"{flag} {path}: no such file or folder")
+    check_arms(model_dir, arms, args.split)
     root = Path(args.out) / args.experiment
     runs, step_s, wall_s = {}, {}, {}
     for arm, (adapter_over, train_over) in arms.items():
         run = root / arm
-        values = dict(base=str(model_dir), out=str(run), adapter={**args.split, **adapter_over}, max_updates=args.updates,
-                      train_text=args.train_text, manifest=args.manifest, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, seed=args.seed,
-                      eval_every=args.eval_every, eval_chunks=args.eval_chunks, checkpoint_every=25, threads=args.threads)
+        values = dict(base=str(model_dir), out=str(run), adapter={**args.split, **adapter_over}, train_text=args.train_text,
+                      manifest=args.manifest, seq_len=args.seq_len, max_updates=args.updates, batch_size=args.batch_size,
+                      grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, seed=args.seed, eval_every=args.eval_every,
+                      eval_chunks=args.eval_chunks, checkpoint_every=25, threads=args.threads)
         values.update(train_over)
         cfg = TrainConfig(**values)
         if args.resume and (run / "summary.json").is_file():
@@ -235,9 +255,8 @@ def main(argv=None) -> int:
         return 0
     extra = {"study": {"experiment": args.experiment, "command": command, "updates": args.updates,
                        "tokens_per_update": args.seq_len * args.batch_size * args.grad_accum,
-                       "base": args.base, "split": {k: args.split[k] for k in
-                                                    ("num_prelude_layers", "recurrent_layer_index", "num_coda_layers")}, "lr": args.lr, "step_s_mean": step_s,
-                       "train_wall_s": wall_s,
+                       "base": args.base, "lr": args.lr, "step_s_mean": step_s, "train_wall_s": wall_s,
+                       "split": {k: args.split[k] for k in ("num_prelude_layers", "recurrent_layer_index", "num_coda_layers")},
                        # what each arm changes from the split and from the flags above (e.g. its own lr)
                        "arm_overrides": {arm: {"adapter": a, "training": t} for arm, (a, t) in arms.items()},
                        # every call that trained each arm (absent for arms trained before this was recorded)
@@ -247,8 +266,8 @@ def main(argv=None) -> int:
         extra["study"].update(carried)
     if "controller" in step_s and "static" in step_s:
         extra["study"]["controller_over_static_step_time"] = step_s["controller"] / step_s["static"]
-    results = evaluate(str(model_dir), runs, str(root / "eval"), n_chunks=args.chunks, manifest=args.manifest, overwrite=True,
-                       reuse_reference=True, reuse_arms=True, extra_details=extra)
+    results = evaluate(str(model_dir), runs, str(root / "eval"), n_chunks=args.chunks, manifest=args.manifest,
+                       overwrite=True, reuse_reference=True, reuse_arms=True, extra_details=extra)
     details = json.loads((root / "eval" / "details.json").read_text())
     print(markdown_table(results, details))
     if args.save:

@@ -40,6 +40,7 @@ def stubbed(monkeypatch, tmp_path):
         return results
 
     monkeypatch.setattr(default_model, "default_model_dir", lambda: tmp_path / "base")
+    monkeypatch.setattr(study, "check_arms", lambda model_dir, arms, split: None)  # no base model on disk here
     monkeypatch.setattr(train, "train", fake_train)
     monkeypatch.setattr(evaluate, "evaluate", fake_evaluate)
     monkeypatch.setattr(evaluate, "markdown_table", lambda results, details: "")
@@ -185,4 +186,23 @@ def test_bad_base_split_or_paths_stop_before_training(tiny_setup, tmp_path, monk
     with pytest.raises(SystemExit):
         study.main(["headline", "--arms", "controller", *args, "--out", str(tmp_path / "runs")])
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_arm_that_does_not_fit_the_base_stops_the_study_before_its_first_arm(tiny_setup, tmp_path):
+    """depth_rank's r 64 arms need projections at least 64 wide; a base whose k/v projections are 32 wide (one
+    key-value head of 32) takes r 8 but not r 64, and the study says so before training the r-8 arm listed first."""
+    from conftest import save_base
+
+    narrow = tmp_path / "narrow"
+    save_base(narrow, "llama", num_key_value_heads=1)
+    args = list(tiny_setup)
+    args[args.index("--base") + 1] = str(narrow)
+    with pytest.raises(SystemExit, match=r"arm controller_d1_r64 does not fit the base model .*r=64 is larger than"):
+        study.main(["depth_rank", "--arms", "controller_d1_r8,controller_d1_r64", *args, "--out", str(tmp_path / "runs")])
+    assert not (tmp_path / "runs").exists()
+    # a recurrent layer inside the coda: named before any training too
+    args[args.index("--split") + 1] = "2,5,2"
+    with pytest.raises(SystemExit, match="arm controller does not fit .*recurrent_layer_index=5 lies inside the prelude or coda"):
+        study.main(["headline", *args, "--out", str(tmp_path / "runs")])
     assert not (tmp_path / "runs").exists()
