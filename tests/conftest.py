@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,21 @@ def load_script(name: str, path: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def write_word_text(path, n_words: int = 3000, seed: int = 0):
+    """A training text in the tiny tokenizer's words (w4..w95), every third word "w7": a little structure so the
+    loss can fall."""
+    rng = random.Random(seed)
+    words = [f"w{rng.randrange(4, 96)}" for _ in range(n_words)]
+    path.write_text(" ".join(w if i % 3 else "w7" for i, w in enumerate(words)))
+    return path
+
+
+def random_manifest(path, n_chunks: int, seq_len: int, seed: int = 0):
+    """A held-out manifest of random word ids (4..95) for the three corpora; returns its path and the chunks."""
+    from ouroboros_peft.data import write_heldout_manifest
+
+    g = torch.Generator().manual_seed(seed)
+    chunks = {c: torch.randint(4, 96, (n_chunks, seq_len), generator=g) for c in ("indist", "wikipedia", "reddit")}
+    return write_heldout_manifest(chunks, {"protocol": {"n_chunks": n_chunks}}, path), chunks

@@ -113,22 +113,15 @@ def test_note_without_save_is_refused(stubbed, tmp_path, capsys):
 
 @pytest.fixture
 def tiny_setup(tmp_path, monkeypatch):
-    import random
-
     import torch
 
-    from conftest import save_base
-    from ouroboros_peft.data import write_heldout_manifest
+    from conftest import random_manifest, save_base, write_word_text
 
     monkeypatch.setenv("OUROBOROS_CACHE", str(tmp_path / "cache"))
     base = tmp_path / "base"
     save_base(base, "llama")  # 6 layers, the tiny whitespace tokenizer of conftest (ids 4..99 are words w4..w99)
-    rng = random.Random(0)
-    text = tmp_path / "train.txt"
-    text.write_text(" ".join(f"w{rng.randrange(4, 96)}" if i % 3 else "w7" for i in range(3000)))
-    g = torch.Generator().manual_seed(0)
-    manifest = write_heldout_manifest({c: torch.randint(4, 96, (3, 32), generator=g) for c in ("indist", "wikipedia", "reddit")},
-                                      {"protocol": {"n_chunks": 3}}, tmp_path / "manifest.safetensors")
+    text = write_word_text(tmp_path / "train.txt")
+    manifest, _ = random_manifest(tmp_path / "manifest.safetensors", n_chunks=3, seq_len=32)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield ["--base", str(base), "--split", "2,2,2", "--train-text", str(text), "--manifest", str(manifest),

@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import load_script, save_base, tiny_tokenizer
+from conftest import load_script, random_manifest, save_base, write_word_text
 from ouroboros_peft.train import TrainConfig, TrainingDiverged, batch_at, build_model, lr_at, read_log, train
 
 SEQ = 32
@@ -26,15 +25,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def write_text(path, n_words=3000, seed=0):
-    rng = random.Random(seed)
-    words = [f"w{rng.randrange(4, 96)}" for _ in range(n_words)]
-    # a little structure so the loss can fall
-    text = " ".join(w if i % 3 else "w7" for i, w in enumerate(words))
-    path.write_text(text)
-    return path
-
-
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("base")
@@ -44,7 +34,7 @@ def base_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    return write_text(tmp_path_factory.mktemp("text") / "corpus.txt")
+    return write_word_text(tmp_path_factory.mktemp("text") / "corpus.txt")
 
 
 def config(base_dir, text_file, out, **kw):
@@ -310,14 +300,11 @@ def test_bad_input_fails_before_anything_is_written(base_dir, text_file, tmp_pat
 
 
 def test_cli_train_then_eval_writes_the_results_schema(base_dir, text_file, tmp_path):
-    from ouroboros_peft.data import write_heldout_manifest
     from ouroboros_peft.evaluate import pruned_layers
     from ouroboros_plugins.cli import main
     from transformers import AutoModelForCausalLM
 
-    g = torch.Generator().manual_seed(0)
-    chunks = {c: torch.randint(4, 96, (3, SEQ), generator=g) for c in ("indist", "wikipedia", "reddit")}
-    manifest = write_heldout_manifest(chunks, {"protocol": {"n_chunks": 3}}, tmp_path / "manifest.safetensors")
+    manifest, chunks = random_manifest(tmp_path / "manifest.safetensors", n_chunks=3, seq_len=SEQ)
     common = ["--base", str(base_dir), "--train-text", str(text_file), "--prelude", "1", "--coda", "1", "--steps", "2",
               "--rank", "8", "--seq-len", str(SEQ), "--batch-size", "2", "--updates", "3", "--warmup", "1",
               "--eval-every", "3", "--eval-chunks", "2", "--manifest", str(manifest)]
@@ -376,13 +363,10 @@ def test_cli_train_then_eval_writes_the_results_schema(base_dir, text_file, tmp_
 def test_evaluation_cache_reuses_only_the_same_adapter_on_the_same_tokens(base_dir, text_file, tmp_path, monkeypatch):
     """reuse_reference / reuse_arms: a second evaluation takes the full, pruned and arm NLLs from `<cache>/evals/`
     (proved by planting a value there), and an arm whose weights changed is scored again."""
-    from ouroboros_peft.data import write_heldout_manifest
     from ouroboros_peft.evaluate import evaluate
 
     monkeypatch.setenv("OUROBOROS_CACHE", str(tmp_path / "cache"))
-    g = torch.Generator().manual_seed(0)
-    chunks = {c: torch.randint(4, 96, (2, SEQ), generator=g) for c in ("indist", "wikipedia", "reddit")}
-    manifest = write_heldout_manifest(chunks, {"protocol": {"n_chunks": 2}}, tmp_path / "manifest.safetensors")
+    manifest, _ = random_manifest(tmp_path / "manifest.safetensors", n_chunks=2, seq_len=SEQ)
     for name in ("a", "b"):
         train(config(base_dir, text_file, tmp_path / name, max_updates=2, seed={"a": 0, "b": 1}[name]))
     kw = dict(n_chunks=2, manifest=str(manifest), overwrite=True, plots=False, progress=False,
