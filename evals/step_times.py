@@ -64,12 +64,14 @@ def compare(controller: Path, static: Path, updates: tuple[int, int] | None) -> 
     if missing:
         raise SystemExit(f"updates {lo}-{hi}: {len(missing)} are not logged by both runs (first: {missing[0]}; "
                          f"both have {common[0]}-{common[-1]})")
+    def ratio(updates: list[int]) -> float:
+        return mean([c[u] for u in updates]) / mean([s[u] for u in updates])
+
     thirds = [wanted[i * len(wanted) // 3:(i + 1) * len(wanted) // 3] for i in range(3)]
     return {
         "controller_run": str(controller), "static_run": str(static), "updates": [lo, hi], "n_updates": len(wanted),
         "controller_step_s": mean([c[u] for u in wanted]), "static_step_s": mean([s[u] for u in wanted]),
-        "ratio": mean([c[u] for u in wanted]) / mean([s[u] for u in wanted]),
-        "ratio_by_third": [mean([c[u] for u in t]) / mean([s[u] for u in t]) for t in thirds if t],
+        "ratio": ratio(wanted), "ratio_by_third": [ratio(t) for t in thirds if t],
     }
 
 
