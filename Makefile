@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml $(addsuffix pyproject.toml,$(ADAPTERS)) const
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip setuptools wheel
 	$(PIP) torch
-	$(PIP) -e . $(foreach a,$(ADAPTERS),-e $(a)) -e "adapters/ouroboros-peft[plots]" pytest
+	$(PIP) -e . $(foreach a,$(ADAPTERS),-e $(a)) -e "adapters/ouroboros-evaluate[plots]" pytest
 	touch $@
 
 # vLLM's CPU build for the serving adapter (why each step: see the script and docs/serving.md). The tests need

@@ -45,7 +45,7 @@ def build(model_name: str, num_steps: int):
     else:
         from transformers import AutoModelForCausalLM
 
-        from ouroboros_peft.default_model import default_model_dir
+        from ouroboros_train.default_model import default_model_dir
 
         base = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32)
         config = OuroborosConfig(num_prelude_layers=7, num_coda_layers=7, num_steps=num_steps, r=32)

@@ -68,7 +68,7 @@ def trainables(model) -> dict:
 def initial_trainables(cfg) -> dict:
     """The trainable parameters `train(cfg)` starts from: a fresh adapter built with the seed train() builds with
     (exact when cfg.calibrate_norms is False; calibration changes the norms after the build)."""
-    from ouroboros_peft.train import build_model, load_base
+    from ouroboros_train.train import build_model, load_base
 
     base, _, _ = load_base(cfg.base)
     torch.manual_seed(cfg.seed)
@@ -85,8 +85,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="evals/results/bf16_stall.json")
     args = ap.parse_args(argv)
 
-    from ouroboros_peft.default_model import default_model_dir
-    from ouroboros_peft.train import TrainConfig, train
+    from ouroboros_train.default_model import default_model_dir
+    from ouroboros_train.train import TrainConfig, train
 
     if args.threads:
         torch.set_num_threads(args.threads)

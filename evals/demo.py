@@ -46,8 +46,8 @@ def setup(threads):
         torch.set_num_threads(threads)
     from transformers import AutoTokenizer
 
-    from ouroboros_peft.data import build_heldout_manifest, default_manifest_path, training_token_stream
-    from ouroboros_peft.default_model import default_model_dir
+    from ouroboros_train.data import build_heldout_manifest, default_manifest_path, training_token_stream
+    from ouroboros_train.default_model import default_model_dir
 
     t = time.perf_counter()
     model_dir = default_model_dir()
@@ -83,8 +83,8 @@ def main(argv=None) -> int:
         ap.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
 
     model_dir, manifest = setup(args.threads)
-    from ouroboros_peft.evaluate import evaluate, markdown_table
-    from ouroboros_peft.train import TrainConfig, load_base, train
+    from ouroboros_evaluate.evaluate import evaluate, markdown_table
+    from ouroboros_train.train import TrainConfig, load_base, train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -101,7 +101,7 @@ def build_pruned_checkpoint(base_dir: str, split: dict, out: Path) -> Path:
 def plan_arms(args) -> tuple[str, list[dict]]:
     base = args.base
     if base is None:
-        from ouroboros_peft.default_model import default_model_dir
+        from ouroboros_train.default_model import default_model_dir
 
         base = str(default_model_dir())
     base = str(Path(base).expanduser().resolve())
@@ -307,7 +307,7 @@ def main(argv=None) -> int:
     task_manager = TaskManager(include_path=str(TASKS_DIR))
 
     if any(a["name"] == "pruned" for a in arms):
-        from ouroboros_peft.data import cache_root
+        from ouroboros_train.data import cache_root
 
         work = args.work or cache_root() / "lm_eval_bench"
         for arm in arms:

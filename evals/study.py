@@ -1,7 +1,7 @@
 """The study (longer than the demo, not run in CI): the paper's comparisons at small scale on SmolLM2-135M.
 
 Every experiment trains its arms one after another with the same budget and data, then evaluates them together
-(full and pruned references included) with `ouroboros_peft.evaluate.evaluate`. Outputs:
+(full and pruned references included) with `ouroboros_evaluate.evaluate.evaluate`. Outputs:
     <out>/<experiment>/<arm>/            training runs (log.jsonl, checkpoints, adapter/, summary.json)
     <out>/<experiment>/eval/             results.json, details.json, results.md, plots
     evals/results/<experiment>.json      results.json (schema of `ouroboros eval`), when --save is given
@@ -65,7 +65,7 @@ def check_arms(model_dir: Path, arms: dict, split: dict) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ouroboros_peft.evaluate import pruned_plan
+    from ouroboros_evaluate.evaluate import pruned_plan
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
@@ -196,9 +196,9 @@ def main(argv=None) -> int:
                     help="with --save: a sentence on how this run was made (machine sharing, times), appended to how_run")
     args = ap.parse_args(argv)
 
-    from ouroboros_peft.default_model import default_model_dir
-    from ouroboros_peft.evaluate import evaluate, markdown_table
-    from ouroboros_peft.train import TrainConfig, train
+    from ouroboros_train.default_model import default_model_dir
+    from ouroboros_evaluate.evaluate import evaluate, markdown_table
+    from ouroboros_train.train import TrainConfig, last_checkpoint, train
 
     arms = experiments(args.with_static)[args.experiment]
     if args.arms:
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
         ap.error(f"--base {args.base}: no config.json there (give a Hugging Face model folder)")
     elif args.manifest is None:
         ap.error(f"--base {args.base}: give --manifest too, built with that model's tokenizer "
-                 f"(ouroboros_peft.data.build_heldout_manifest(tokenizer, PATH)); the default one holds SmolLM2 token ids")
+                 f"(ouroboros_train.data.build_heldout_manifest(tokenizer, PATH)); the default one holds SmolLM2 token ids")
     else:
         model_dir = Path(args.base)
     for flag, path in (("--train-text", args.train_text), ("--manifest", args.manifest)):
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
             log(f"{arm}: finished earlier, kept")
             summary = json.loads((run / "summary.json").read_text())
         else:
-            resume = args.resume and (run / "latest.json").is_file()
+            resume = args.resume and last_checkpoint(run) is not None
             log(f"{arm}: {'resuming' if resume else 'training'} {cfg.max_updates} updates x {cfg.tokens_per_update} tokens")
             started = time.strftime("%Y-%m-%dT%H:%M:%S")
             summary = train(cfg, overwrite=True, resume=resume).summary

@@ -45,7 +45,7 @@ def build_export(work: Path, base_dir: str | None) -> tuple[Path, dict]:
     from transformers import AutoModelForCausalLM
 
     from ouroboros_peft import OuroborosConfig
-    from ouroboros_peft.default_model import default_model_dir
+    from ouroboros_train.default_model import default_model_dir
     from ouroboros_peft import export
 
     base_dir = base_dir or str(default_model_dir())

@@ -1,41 +1,55 @@
 """ouroboros-plugins: the framework-neutral Ouroboros core (pure torch + pluggy + safetensors).
 
 Host frameworks (PEFT/transformers, vLLM, lm-eval) live in separate distributions under adapters/.
+Names are imported on first use (PEP 562), so the `ouroboros` command, its plugins and `import ouroboros_plugins`
+do not import torch until something needs it.
 """
 
-from .config import DEFAULT_TARGETS, LayerPlan, OuroborosSpec
-from .controller import Controller, PoolState, StaticModulation, pool
-from .hookspecs import hookimpl, hookspec
-from .lora import Bases, modulated_linear, svd_bases
-from .plugins import all_backbones, describe_plugins, find_backbone, get_plugin_manager
-from .recurrence import Gate, OuroborosAdapter, StepNorms, run
-from .surgery import build_adapter, check_fingerprint, fingerprint, plan_for
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DEFAULT_TARGETS",
-    "Bases",
-    "Controller",
-    "Gate",
-    "LayerPlan",
-    "OuroborosAdapter",
-    "OuroborosSpec",
-    "PoolState",
-    "StaticModulation",
-    "StepNorms",
-    "all_backbones",
-    "build_adapter",
-    "check_fingerprint",
-    "describe_plugins",
-    "find_backbone",
-    "fingerprint",
-    "get_plugin_manager",
-    "hookimpl",
-    "hookspec",
-    "modulated_linear",
-    "plan_for",
-    "pool",
-    "run",
-    "svd_bases",
-]
+# public name -> the module (relative to this package) that defines it
+_EXPORTS = {
+    "DEFAULT_TARGETS": ".config",
+    "LayerPlan": ".config",
+    "OuroborosSpec": ".config",
+    "Controller": ".controller",
+    "PoolState": ".controller",
+    "StaticModulation": ".controller",
+    "pool": ".controller",
+    "hookimpl": ".hookspecs",
+    "hookspec": ".hookspecs",
+    "Bases": ".lora",
+    "modulated_linear": ".lora",
+    "svd_bases": ".lora",
+    "all_backbones": ".plugins",
+    "describe_plugins": ".plugins",
+    "find_backbone": ".plugins",
+    "get_plugin_manager": ".plugins",
+    "Gate": ".recurrence",
+    "OuroborosAdapter": ".recurrence",
+    "StepNorms": ".recurrence",
+    "run": ".recurrence",
+    "build_adapter": ".surgery",
+    "check_fingerprint": ".surgery",
+    "fingerprint": ".surgery",
+    "plan_for": ".surgery",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -7,6 +7,7 @@ The host framework's modules (norms, projections, activation) are called as they
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -104,3 +105,40 @@ def llama_style_layer(layer: nn.Module, h: torch.Tensor, inputs: AttentionInputs
     gate = proj("gate_proj", mlp.gate_proj, x)
     up = proj("up_proj", mlp.up_proj, x)
     return h + proj("down_proj", mlp.down_proj, mlp.act_fn(gate) * up)
+
+
+# The name under which `call_layer` gives a sharded layer a forward method of its own.
+FSDP_FORWARD_METHOD = "ouroboros_forward"
+
+
+def _fsdp_module_class():
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed support
+        return None
+    return FSDPModule
+
+
+def call_layer(run_layer: Callable, layer: nn.Module, h: torch.Tensor, *args) -> torch.Tensor:
+    """`run_layer(layer, h, *args)`, run as a forward of `layer`.
+
+    The core computes a layer from its submodules instead of calling `layer(...)` (see layer.py's docstring), so
+    hooks that a sharding wrapper put on the layer's own forward would never fire. For a layer sharded with
+    torch's FSDP2 (`fully_shard` per decoder layer) the computation is registered once as an FSDP forward method
+    (`register_fsdp_forward_method`): every call, the recurrent layer's N calls included, gathers the layer's
+    weights first, releases them after, and gathers them again for its backward. Other layers run as they are.
+    """
+    fsdp_module = _fsdp_module_class()
+    if fsdp_module is None or not isinstance(layer, fsdp_module):
+        return run_layer(layer, h, *args)
+    method = layer.__dict__.get(FSDP_FORWARD_METHOD)
+    if method is None:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        def ouroboros_forward(self, fn, hidden, *rest):
+            return fn(self, hidden, *rest)
+
+        layer.__dict__[FSDP_FORWARD_METHOD] = types.MethodType(ouroboros_forward, layer)
+        register_fsdp_forward_method(layer, FSDP_FORWARD_METHOD)
+        method = getattr(layer, FSDP_FORWARD_METHOD)
+    return method(run_layer, h, *args)

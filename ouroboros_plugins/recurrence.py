@@ -11,16 +11,18 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from functools import partial
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from torch.utils.hooks import RemovableHandle
 
 from .config import LayerPlan, OuroborosSpec
 from .controller import Controller, PoolState, StaticModulation, pool
-from .layer import AttentionInputs, build_attention_mask
+from .layer import AttentionInputs, build_attention_mask, call_layer
 from .lora import Bases, modulated_linear, svd_bases
 
 
@@ -77,6 +79,10 @@ class CodaLoRA(nn.Module):
         return proj
 
 
+# hook(adapter, step, u, h): see OuroborosAdapter.register_step_hook
+StepHook = Callable[["OuroborosAdapter", int, torch.Tensor, torch.Tensor], None]
+
+
 class OuroborosAdapter(nn.Module):
     """All Ouroboros state for one adapter. Trainable parameters are fp32 whatever the base dtype; the SVD
     bases are frozen fp32 buffers (saved with the adapter: the layers they come from are dropped)."""
@@ -84,6 +90,7 @@ class OuroborosAdapter(nn.Module):
     def __init__(self, spec: OuroborosSpec, hidden_size: int, shapes: dict[str, tuple[int, int]], rms_eps: float, device=None):
         super().__init__()
         self.spec = spec
+        self._step_hooks: OrderedDict[int, StepHook] = OrderedDict()
         targets = spec.targets
         with torch.device(device or "cpu"):
             self.bases = Bases({name: shapes[name] for name in targets}, spec.r)
@@ -124,7 +131,18 @@ class OuroborosAdapter(nn.Module):
         """Projection function for coda layer k (None = the plain frozen layer)."""
         return self.coda_lora.projector(k) if self.spec.coda_lora_r else None
 
+    def register_step_hook(self, hook: "StepHook") -> RemovableHandle:
+        """Call `hook(adapter, step, u, h)` at every recurrence step, after the recurrent layer produced u [B, T, d]
+        from h [B, T, d] and before the step norm reads u. The hook may change the adapter's parameters (under
+        `torch.no_grad()`): the norm of this step then uses the new values. Returns a handle; `handle.remove()`
+        detaches the hook. Used by data-driven inits such as `calibrate_step_norms`; never called by training."""
+        handle = RemovableHandle(self._step_hooks)
+        self._step_hooks[handle.id] = hook
+        return handle
+
     def update(self, u: torch.Tensor, h: torch.Tensor, step: int) -> torch.Tensor:
+        for hook in list(self._step_hooks.values()):
+            hook(self, step, u, h)
         n = self.norms(u, step)
         if not self.spec.use_gate:
             return n.to(h.dtype)
@@ -181,8 +199,8 @@ def run(
 
     def plain(layer, slot, h, proj=None):
         if proj is None:
-            return backbone.run_layer(layer, h, inputs(slot))
-        return backbone.run_layer(layer, h, inputs(slot), proj)
+            return call_layer(backbone.run_layer, layer, h, inputs(slot))
+        return call_layer(backbone.run_layer, layer, h, inputs(slot), proj)
 
     h = inputs_embeds
     for i, index in enumerate(plan.prelude):
@@ -199,7 +217,7 @@ def run(
 
     def step(t: int, h: torch.Tensor) -> torch.Tensor:
         m = adapter.modulation(h, t, step_valid, pool_state)
-        u = backbone.run_layer(recurrent, h, inputs(plan.step_slot(t)), adapter.projector(m))
+        u = call_layer(backbone.run_layer, recurrent, h, inputs(plan.step_slot(t)), adapter.projector(m))
         return adapter.update(u, h, t)
 
     use_checkpoint = gradient_checkpointing and torch.is_grad_enabled() and cache is None

@@ -109,8 +109,32 @@ def write_word_text(path, n_words: int = 3000, seed: int = 0):
 
 def random_manifest(path, n_chunks: int, seq_len: int, seed: int = 0):
     """A held-out manifest of random word ids (4..95) for the three corpora; returns its path and the chunks."""
-    from ouroboros_peft.data import write_heldout_manifest
+    from ouroboros_train.data import write_heldout_manifest
 
     g = torch.Generator().manual_seed(seed)
     chunks = {c: torch.randint(4, 96, (n_chunks, seq_len), generator=g) for c in ("indist", "wikipedia", "reddit")}
     return write_heldout_manifest(chunks, {"protocol": {"n_chunks": n_chunks}}, path), chunks
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread avoids OpenMP spin-waiting when the machine's cores are busy (100x slowdowns).
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny Llama base model folder with tokenizer."""
+    path = tmp_path_factory.mktemp("base")
+    save_base(path, "llama")
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """A training text in the tiny tokenizer's words."""
+    return write_word_text(tmp_path_factory.mktemp("text") / "corpus.txt")

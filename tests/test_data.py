@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ouroboros_peft import data
+from ouroboros_train import data
 
 EOS = 2
 BOS = 1

@@ -372,7 +372,7 @@ def test_bigbench_tasks_become_hellaswag_style_records(tmp_path):
 
 
 def fake_manifest(path: Path, tokenizer, n=4, length=24, seed=0):
-    from ouroboros_peft.data import _tokenizer_info, write_heldout_manifest
+    from ouroboros_train.data import _tokenizer_info, write_heldout_manifest
 
     rng = torch.Generator().manual_seed(seed)
     chunks = {c: torch.randint(4, 96, (n, length), generator=rng) for c in prepare_tasks.HELDOUT_CORPORA}

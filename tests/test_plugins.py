@@ -33,7 +33,10 @@ def test_plugins_command_lists_versions_and_hooks():
     rows = {r["name"]: r for r in json.loads(out.stdout)}
     assert rows["llama"]["hooks"] == ["ouroboros_backbones"] and rows["llama"]["version"] == "0.1.0"
     assert rows["peft"]["distribution"] == "ouroboros-peft"
-    assert "ouroboros_register_commands" in rows["peft"]["hooks"]
+    assert rows["train"]["distribution"] == "ouroboros-train"
+    assert rows["evaluate"]["distribution"] == "ouroboros-evaluate"
+    for name in ("peft", "train", "evaluate"):
+        assert "ouroboros_register_commands" in rows[name]["hooks"]
     text = run_cli("plugins").stdout
     assert "qwen2" in text and "ouroboros-plugins 0.1.0" in text
 
@@ -112,3 +115,20 @@ def test_entry_point_discovery_of_an_installed_third_party_plugin(tmp_path):
     code = "from ouroboros_plugins import find_backbone; print(find_backbone('toy').name)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.stdout.strip() == "toy", res.stderr
+
+
+def test_help_and_plugin_listing_import_neither_torch_nor_peft():
+    """`ouroboros --help` and `ouroboros plugins` load every plugin but no framework: each command imports what it
+    needs when it runs (and `ouroboros train --help` still lists the training options)."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from ouroboros_plugins.cli import main\n"
+        "for argv in (['--help'], ['train', '--help'], ['plugins']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
+        "        main(argv)\n"
+        "    assert out.getvalue(), argv\n"
+        "print(sorted(m for m in ('torch', 'peft', 'transformers', 'vllm') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -16,9 +16,9 @@ study = load_script("study", Path(__file__).resolve().parents[1] / "evals" / "st
 @pytest.fixture
 def stubbed(monkeypatch, tmp_path):
     """Stand-ins for the base model, training and evaluation; returns the list of (arm, resumed) trainings."""
-    import ouroboros_peft.default_model as default_model
-    import ouroboros_peft.evaluate as evaluate
-    import ouroboros_peft.train as train
+    import ouroboros_train.default_model as default_model
+    import ouroboros_evaluate.evaluate as evaluate
+    import ouroboros_train.train as train
 
     trained = []
 
@@ -53,8 +53,9 @@ def test_training_calls_and_evaluations_are_recorded_across_saves(stubbed, tmp_p
     out, results = str(tmp_path / "runs"), tmp_path / "results"
     common = ["--updates", "3", "--out", out, "--resume"]
     # two processes train one arm each; the static arm continues an interrupted run
-    (tmp_path / "runs" / "headline" / "static").mkdir(parents=True)
-    (tmp_path / "runs" / "headline" / "static" / "latest.json").write_text("{}")
+    checkpoint = tmp_path / "runs" / "headline" / "static" / "checkpoints" / "checkpoint-5"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 5}')
     assert study.main(["headline", "--arms", "controller", "--train-only", *common]) == 0
     assert study.main(["headline", "--arms", "static", "--train-only", *common]) == 0
     assert stubbed == [("controller", False), ("static", True)]

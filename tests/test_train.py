@@ -10,31 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_script, random_manifest, save_base, write_word_text
-from ouroboros_peft.train import TrainConfig, TrainingDiverged, batch_at, build_model, lr_at, read_log, train
+from conftest import load_script, random_manifest
+from ouroboros_train.train import TrainConfig, TrainingDiverged, batch_at, build_model, last_checkpoint, read_log, train
 
 SEQ = 32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread avoids OpenMP spin-waiting when the machine's cores are busy (100x slowdowns)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("base")
-    save_base(path, "llama")
-    return path
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    return write_word_text(tmp_path_factory.mktemp("text") / "corpus.txt")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(base_dir, text_file, out, **kw):
@@ -50,20 +30,21 @@ def train_losses(run_dir):
     return [r["loss"] for r in read_log(run_dir) if r["kind"] == "train"]
 
 
-def test_lr_schedule_warms_up_then_decays_to_the_floor():
-    cfg = TrainConfig(base="x", out="y", max_updates=20, lr=1.0, warmup=5, min_lr_ratio=0.1)
-    lrs = [lr_at(u, cfg) for u in range(20)]
-    assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
-    assert lrs[5] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))  # cosine: never rises after warmup
-    assert lrs[-1] == pytest.approx(0.1)
-    assert 0.1 < lrs[12] < 1.0
+def test_trainer_schedule_warms_up_then_decays_towards_the_floor(base_dir, text_file, tmp_path):
+    """Trainer's `cosine_with_min_lr`: linear warmup from 0 over `warmup` updates, then cosine from lr towards
+    lr * min_lr_ratio (reached after the last update); the lr logged per update is the one that update used."""
+    cfg = config(base_dir, text_file, tmp_path / "run", max_updates=12, lr=1e-3, warmup=4, min_lr_ratio=0.1, checkpoint_every=12)
+    train(cfg)
+    lrs = [r["lr"] / cfg.lr for r in read_log(tmp_path / "run") if r["kind"] == "train"]
+    assert lrs[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # cosine: never rises after warmup
+    assert 0.1 < lrs[-1] < 0.15 and 0.1 < lrs[8] < 1.0
 
 
 def test_first_logged_loss_is_next_token_loss_shifted_once(base_dir, text_file, tmp_path):
     """The loss the loop optimises is CE(logits[:, :-1], ids[:, 1:]) of the initial model on the first batch:
     neither unshifted nor shifted twice (the reference implementation's bug)."""
-    from ouroboros_peft.train import calibrate_step_norms, load_base, text_token_stream
+    from ouroboros_train.train import calibrate_step_norms, load_base, text_token_stream
 
     # A text where token t is always followed by t + 1, and a head that maps the embedding of t to the logit of t + 1:
     # the base then predicts the next token well, and only the correct pairing of logits and targets scores low.
@@ -124,7 +105,7 @@ def test_interrupted_then_resumed_run_gives_the_same_loss_curve(base_dir, text_f
     cfg = config(base_dir, text_file, tmp_path / "cut", **extra)
     with pytest.raises(Interrupt):
         train(cfg, on_update=stop_at(5))  # checkpoint at 4; update 5 is lost and must be redone identically
-    assert json.loads((tmp_path / "cut" / "latest.json").read_text())["update"] == 4
+    assert last_checkpoint(tmp_path / "cut").name == "checkpoint-4"
     resumed = train(cfg, resume=True)
 
     reference = train_losses(tmp_path / "full")
@@ -172,83 +153,45 @@ def test_pure_bf16_rounds_away_the_steps_of_large_parameters(base_dir, text_file
     assert shares["bf16"]["controller"] > 0.0
 
 
-def test_calibration_sets_each_norm_row_to_the_median_rms_of_its_step(base_dir, text_file):
-    from ouroboros_peft.train import calibrate_step_norms, load_base, text_token_stream
-
-    base, tok, _ = load_base(str(base_dir))
-    model = build_model(base, dict(num_prelude_layers=1, num_coda_layers=1, num_steps=2, max_steps=3, r=8))
-    adapter = model.base_model.model.model.ouroboros_adapter["default"]
-    ids = batch_at(text_token_stream(tok, str(text_file)), 0, 2, SEQ, 0)
-    seen = []
-    original = adapter.update
-
-    def spy(u, h, step):
-        seen.append(float(u.float().pow(2).mean(-1).sqrt().median()))
-        return original(u, h, step)
-
-    values = calibrate_step_norms(model, ids)
-    assert len(values) == 3  # every row of the tables, not just num_steps
-    weight = adapter.norms.weight
-    for t, v in enumerate(values):
-        assert torch.all(weight[t] == v) and abs(v - 1.0) > 1e-3
-    # the values are the RMS the layer output really has at each step under the calibrated norms
-    adapter.update = spy
-    plan = model.base_model.model.model.plans["default"]
-    import dataclasses
-
-    model.base_model.model.model.plans["default"] = dataclasses.replace(plan, num_steps=3)
-    with torch.no_grad():
-        model.eval()(input_ids=ids)
-    del adapter.update
-    assert seen == pytest.approx(values, rel=1e-5)
-
-
-def test_checkpoints_are_safetensors_and_json_only(base_dir, text_file, tmp_path):
-    from safetensors import safe_open
-
+def test_checkpoints_are_trainers_and_safe_to_read(base_dir, text_file, tmp_path):
+    """Trainer's checkpoint folders, pruned to keep_checkpoints (save_total_limit); the adapter in each is
+    safetensors, and everything that resume reads back that is not safetensors or JSON loads with torch's
+    weights_only loader (no arbitrary unpickling)."""
     train(config(base_dir, text_file, tmp_path / "run", max_updates=4, keep_checkpoints=1))
     ckpts = sorted((tmp_path / "run" / "checkpoints").iterdir())
-    assert [c.name for c in ckpts] == ["ckpt-000004"]  # older ones pruned
-    files = sorted(p.name for p in ckpts[0].iterdir())
-    assert files == ["optimizer.safetensors", "state.json", "trainable.safetensors"]
-    with safe_open(str(ckpts[0] / "optimizer.safetensors"), framework="pt") as f:
-        keys = list(f.keys())
-        meta = json.loads(f.metadata()["ouroboros_optimizer"])
-    assert "rng::torch_cpu" in keys and any(k.endswith("::exp_avg_sq") for k in keys)
-    assert set(meta["steps"].values()) == {4.0}
-    state = json.loads((ckpts[0] / "state.json").read_text())
-    assert state["update"] == 4 and state["position"] == 4 * 2
+    assert [c.name for c in ckpts] == ["checkpoint-4"]  # older ones pruned
+    files = {p.name for p in ckpts[0].iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+            "trainer_state.json"} <= files
+    from transformers.trainer_pt_utils import safe_globals  # what Trainer loads the RNG state under (numpy arrays)
+
+    with safe_globals():
+        for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+            torch.load(ckpts[0] / name, weights_only=True)
+    state = json.loads((ckpts[0] / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(base_dir, text_file, tmp_path):
+    from ouroboros_train.train import load_base
+
     cfg = config(base_dir, text_file, tmp_path / "run", max_updates=6)
-    holder = {}
+    base, tok, _ = load_base(str(base_dir))
 
     def poison(update, loss):
         if update == 2:
             with torch.no_grad():
-                for p in holder["params"]:
-                    p.fill_(float("nan"))
+                for name, p in base.named_parameters():
+                    if ".ouroboros_adapter." in name and p.requires_grad:
+                        p.fill_(float("nan"))
 
-    import ouroboros_peft.train as train_module
-
-    original = train_module._trainable
-
-    def capture(model):
-        named = original(model)
-        holder["params"] = [p for _, p in named]
-        return named
-
-    train_module._trainable = capture
-    try:
-        with pytest.raises(TrainingDiverged, match="at update 3.*ckpt-000002"):
-            train(cfg, on_update=poison)
-    finally:
-        train_module._trainable = original
-    assert json.loads((tmp_path / "run" / "latest.json").read_text())["update"] == 2
-    assert not (tmp_path / "run" / "checkpoints" / "ckpt-000004").exists()
+    with pytest.raises(TrainingDiverged, match="at update 3.*checkpoint-2"):
+        train(cfg, on_update=poison, base_model=base, tokenizer=tok)
+    assert last_checkpoint(tmp_path / "run").name == "checkpoint-2"
+    assert not (tmp_path / "run" / "checkpoints" / "checkpoint-4").exists()
     assert not (tmp_path / "run" / "adapter").exists()
+    assert [r["update"] for r in read_log(tmp_path / "run")] == [1, 2]
 
 
 def test_existing_run_dir_needs_overwrite(base_dir, text_file, tmp_path):
@@ -300,7 +243,7 @@ def test_bad_input_fails_before_anything_is_written(base_dir, text_file, tmp_pat
 
 
 def test_cli_train_then_eval_writes_the_results_schema(base_dir, text_file, tmp_path):
-    from ouroboros_peft.evaluate import pruned_layers
+    from ouroboros_evaluate.evaluate import pruned_layers
     from ouroboros_plugins.cli import main
     from transformers import AutoModelForCausalLM
 
@@ -363,7 +306,7 @@ def test_cli_train_then_eval_writes_the_results_schema(base_dir, text_file, tmp_
 def test_evaluation_cache_reuses_only_the_same_adapter_on_the_same_tokens(base_dir, text_file, tmp_path, monkeypatch):
     """reuse_reference / reuse_arms: a second evaluation takes the full, pruned and arm NLLs from `<cache>/evals/`
     (proved by planting a value there), and an arm whose weights changed is scored again."""
-    from ouroboros_peft.evaluate import evaluate
+    from ouroboros_evaluate.evaluate import evaluate
 
     monkeypatch.setenv("OUROBOROS_CACHE", str(tmp_path / "cache"))
     manifest, _ = random_manifest(tmp_path / "manifest.safetensors", n_chunks=2, seq_len=SEQ)

@@ -50,7 +50,7 @@ HELLASWAG_FIELDS = ("activity_label", "ctx_a", "ctx_b", "endings", "label")
 # ---------------------------------------------------------------------------------------------------
 def read_bigbench_tasks(sdist: str | os.PathLike, names: Sequence[str]) -> dict[str, dict]:
     """The parsed `bigbench/benchmark_tasks/<name>/task.json` of each name, read from the sdist tarball."""
-    from ouroboros_peft.data import checked_members
+    from ouroboros_train.data import checked_members
 
     wanted = {name: None for name in names}
     with tarfile.open(sdist, "r:*") as tar:
@@ -103,8 +103,8 @@ def bigbench_to_hellaswag(task: dict, name: str) -> tuple[list[dict], int]:
 
 
 def download_bigbench_sdist(dest: Path) -> Path:
-    """The ~360 MB bigbench==1.0.0 sdist in `dest` (never installed), hash-checked: `ouroboros_peft.data`'s fetch."""
-    from ouroboros_peft.data import download_bigbench_sdist as fetch
+    """The ~360 MB bigbench==1.0.0 sdist in `dest` (never installed), hash-checked: `ouroboros_train.data`'s fetch."""
+    from ouroboros_train.data import download_bigbench_sdist as fetch
 
     dest.mkdir(parents=True, exist_ok=True)
     return fetch(dest)
@@ -146,8 +146,8 @@ def heldout_records(chunks, tokenizer, corpus: str) -> tuple[list[dict], int]:
 def prepare_heldout(data_dir: Path, manifest: str | os.PathLike | None = None, tokenizer_dir: str | os.PathLike | None = None) -> dict:
     from transformers import AutoTokenizer
 
-    from ouroboros_peft.data import default_manifest_path, load_heldout_manifest, tokenizer_sha256
-    from ouroboros_peft.default_model import default_model_dir
+    from ouroboros_train.data import default_manifest_path, load_heldout_manifest, tokenizer_sha256
+    from ouroboros_train.default_model import default_model_dir
 
     manifest = Path(manifest) if manifest is not None else default_manifest_path()
     chunks, meta = load_heldout_manifest(manifest)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Protocol
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Protocol
 
 from ..config import DEFAULT_TARGETS
-from ..layer import AttentionInputs, ProjFn, llama_style_layer, plain_proj
+
+if TYPE_CHECKING:  # torch is imported when a layer runs, not when the plugin is listed
+    import torch
+    from torch import nn
+
+    from ..layer import AttentionInputs, ProjFn
 
 
 class Backbone(Protocol):
@@ -25,7 +27,7 @@ class Backbone(Protocol):
     def embed(self, decoder: nn.Module, input_ids: torch.Tensor) -> torch.Tensor: ...
     def rotary(self, decoder: nn.Module, h: torch.Tensor, position_ids: torch.Tensor) -> tuple: ...
     def final_norm(self, decoder: nn.Module, h: torch.Tensor) -> torch.Tensor: ...
-    def run_layer(self, layer: nn.Module, h: torch.Tensor, inputs: AttentionInputs, proj: ProjFn = plain_proj) -> torch.Tensor: ...
+    def run_layer(self, layer: nn.Module, h: torch.Tensor, inputs: AttentionInputs, proj: ProjFn = None) -> torch.Tensor: ...
 
 
 class LlamaStyleBackbone:
@@ -79,5 +81,8 @@ class LlamaStyleBackbone:
     def is_gradient_checkpointing(self, decoder: nn.Module) -> bool:
         return any(getattr(layer, "gradient_checkpointing", False) for layer in decoder.layers)
 
-    def run_layer(self, layer: nn.Module, h: torch.Tensor, inputs: AttentionInputs, proj: ProjFn = plain_proj) -> torch.Tensor:
-        return llama_style_layer(layer, h, inputs, proj)
+    def run_layer(self, layer: nn.Module, h: torch.Tensor, inputs: AttentionInputs, proj: ProjFn = None) -> torch.Tensor:
+        """proj(name, module, x): the projection to use (None = the plain frozen projection)."""
+        from ..layer import llama_style_layer, plain_proj
+
+        return llama_style_layer(layer, h, inputs, proj or plain_proj)

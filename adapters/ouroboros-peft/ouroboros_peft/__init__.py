@@ -4,6 +4,7 @@ Importing this package registers the `OUROBOROS` PEFT type (PEFT has no plugin a
 `PeftModel.from_pretrained`) and the exported `ouroboros` model type with transformers' Auto classes.
 """
 
+from .calibration import calibrate_step_norms
 from .config import OuroborosConfig
 from .exporting import export
 from .layer import OuroborosDecoder
@@ -14,5 +15,5 @@ from .registration import register
 register(OuroborosConfig, OuroborosModel)
 register_auto_classes()
 
-__all__ = ["OuroborosConfig", "OuroborosDecoder", "OuroborosForCausalLM", "OuroborosLMConfig", "OuroborosModel", "export"]
+__all__ = ["calibrate_step_norms", "OuroborosConfig", "OuroborosDecoder", "OuroborosForCausalLM", "OuroborosLMConfig", "OuroborosModel", "export"]
 

@@ -33,8 +33,8 @@ from torch import nn
 
 from ouroboros_plugins.atomic import atomic_path, write_json, write_text
 
-from .data import CORPORA, cache_root, default_manifest_path, heldout_nll, load_heldout_manifest
-from .train import load_base, peak_rss_mb, read_log
+from ouroboros_train.data import CORPORA, cache_root, default_manifest_path, heldout_nll, load_heldout_manifest
+from ouroboros_train.train import load_base, peak_rss_mb, read_log
 
 __all__ = [
     "ARM_ORDER",
@@ -186,6 +186,72 @@ def _arm_key(reference_key: str, adapter_dir: Path, diagnostics_chunks: int) -> 
     return digest.hexdigest()[:24]
 
 
+def _check_request(arms: Mapping[str, str], out_dir: Path, corpora: Sequence[str], n_chunks: int, manifest: Optional[str],
+                   overwrite: bool) -> tuple:
+    """Every check on the request before any model is loaded: (resolved arms, chunks per corpus, manifest path, its meta)."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace its results")
+    bad = [a for a in arms if a in ("full", "pruned")]
+    if bad:
+        raise ValueError(f"arm names {bad} are reserved for the reference arms")
+    if not arms:
+        raise ValueError("give at least one trained arm (NAME=RUN_DIR)")
+    resolved = {name: resolve_arm(path) for name, path in arms.items()}
+    splits = {name: _split_key(r["config"]) for name, r in resolved.items()}
+    if len(set(splits.values())) != 1:
+        raise ValueError(f"all arms must share one split (prelude, coda, recurrent layer) to share a pruned baseline: {splits}")
+    manifest_path = Path(manifest) if manifest else default_manifest_path()
+    all_chunks, manifest_meta = load_heldout_manifest(manifest_path)
+    missing = [c for c in corpora if c not in all_chunks]
+    if missing:
+        raise ValueError(f"held-out manifest {manifest_path} has no corpora {missing}; it has {sorted(all_chunks)}")
+    if n_chunks < 1:
+        raise ValueError(f"n_chunks must be >= 1, got {n_chunks}")
+    return resolved, {c: all_chunks[c][:n_chunks] for c in corpora}, manifest_path, manifest_meta
+
+
+def _reference_nlls(model, layer_ids, chunks, ref_file: Optional[Path], meta: dict, progress: bool) -> tuple:
+    """NLLs and seconds of `full` and `pruned`: from `ref_file` when it is given and there, else computed (and
+    written to `ref_file` when given). Returns (nll, timing, reused)."""
+    if ref_file is not None and ref_file.is_file():
+        cached = json.loads(ref_file.read_text())
+        if progress:
+            print(f"[eval] full and pruned NLLs reused from {ref_file} (computed earlier on the same tokens)", file=sys.stderr)
+        return {k: cached[k] for k in ("full", "pruned")}, {k: cached["timing"][k] for k in ("full", "pruned")}, True
+    nll, timing = {}, {}
+    nll["full"], timing["full"] = _eval_corpora(model, chunks, "full", progress)
+    with pruned_layers(model, layer_ids):
+        nll["pruned"], timing["pruned"] = _eval_corpora(model, chunks, "pruned", progress)
+    if ref_file is not None:
+        write_json(ref_file, {"full": nll["full"], "pruned": nll["pruned"], "timing": timing, **meta}, sort_keys=True)
+    return nll, timing, False
+
+
+def _arm_nlls(name: str, r: dict, base: str, model, chunks, arm_file: Optional[Path], diagnostics_chunks: int,
+              n_chunks: int, progress: bool) -> tuple:
+    """One trained arm: {"nll", "eval_seconds", "trainable_params"[, "diagnostics"]} and whether it was reused.
+    `model` is a clean base (or None: one is loaded); it gets the adapter, so it is not clean afterwards."""
+    from peft import PeftModel
+
+    if arm_file is not None and arm_file.is_file():
+        if progress:
+            print(f"[eval] {name}: NLLs reused from {arm_file} (this adapter, scored earlier on the same tokens)", file=sys.stderr)
+        return json.loads(arm_file.read_text()), True
+    if model is None:
+        model, _, _ = load_base(base)
+    peft_model = PeftModel.from_pretrained(model, str(r["adapter_dir"]))
+    peft_model.eval()
+    adapter = peft_model.base_model.model.model.ouroboros_adapter["default"]
+    hit = {"trainable_params": sum(p.numel() for p in adapter.parameters())}
+    hit["nll"], hit["eval_seconds"] = _eval_corpora(peft_model, chunks, name, progress)
+    if diagnostics_chunks:
+        src = chunks["indist"] if "indist" in chunks else next(iter(chunks.values()))
+        hit["diagnostics"] = adapter_diagnostics(peft_model, src[:diagnostics_chunks])
+    if arm_file is not None:
+        write_json(arm_file, {**hit, "adapter": str(r["adapter_dir"]), "n_chunks": n_chunks}, sort_keys=True)
+    return hit, False
+
+
 def evaluate(
     base: str,
     arms: Mapping[str, str],
@@ -209,30 +275,10 @@ def evaluate(
     reuse them when they are there (they do not depend on training).
     reuse_arms: the same for each trained arm, keyed also by the adapter's exact bytes (config and weights), so
     evaluating an experiment again scores only the arms that are new or changed."""
-    from peft import PeftModel
-
     import ouroboros_peft  # noqa: F401  (registers the PEFT type)
 
     out_dir = Path(out)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace its results")
-    bad = [a for a in arms if a in ("full", "pruned")]
-    if bad:
-        raise ValueError(f"arm names {bad} are reserved for the reference arms")
-    if not arms:
-        raise ValueError("give at least one trained arm (NAME=RUN_DIR)")
-    resolved = {name: resolve_arm(path) for name, path in arms.items()}
-    splits = {name: _split_key(r["config"]) for name, r in resolved.items()}
-    if len(set(splits.values())) != 1:
-        raise ValueError(f"all arms must share one split (prelude, coda, recurrent layer) to share a pruned baseline: {splits}")
-    manifest_path = Path(manifest) if manifest else default_manifest_path()
-    all_chunks, manifest_meta = load_heldout_manifest(manifest_path)
-    missing = [c for c in corpora if c not in all_chunks]
-    if missing:
-        raise ValueError(f"held-out manifest {manifest_path} has no corpora {missing}; it has {sorted(all_chunks)}")
-    if n_chunks < 1:
-        raise ValueError(f"n_chunks must be >= 1, got {n_chunks}")
-    chunks = {c: all_chunks[c][:n_chunks] for c in corpora}
+    resolved, chunks, manifest_path, manifest_meta = _check_request(arms, out_dir, corpora, n_chunks, manifest, overwrite)
 
     t_start = time.perf_counter()
     model, _, base_dir = load_base(base)
@@ -241,60 +287,29 @@ def evaluate(
     for c, t in chunks.items():
         if int(t.max()) >= vocab:
             raise ValueError(f"held-out corpus {c!r} has token ids >= the model's vocab ({vocab}): built with another tokenizer?")
-    first = next(iter(resolved.values()))
-    plan = pruned_plan(model, first["config"])
-    layer_ids = plan.prelude + (plan.recurrent,) + plan.coda
+    plan = pruned_plan(model, next(iter(resolved.values()))["config"])
     split = (len(plan.prelude), plan.recurrent, len(plan.coda))
 
-    nll: dict[str, dict] = {}
-    timing: dict[str, float] = {}
     reference_key = _reference_key(base_dir, split, chunks)
     cache_dir = cache_root() / "evals"
-    ref_file = cache_dir / f"reference-{reference_key}.json"
-    cached = json.loads(ref_file.read_text()) if reuse_reference and ref_file.is_file() else None
-    if cached is not None:
-        nll["full"], nll["pruned"] = cached["full"], cached["pruned"]
-        timing.update({"full": cached["timing"]["full"], "pruned": cached["timing"]["pruned"]})
-        if progress:
-            print(f"[eval] full and pruned NLLs reused from {ref_file} (computed earlier on the same tokens)", file=sys.stderr)
-    else:
-        nll["full"], timing["full"] = _eval_corpora(model, chunks, "full", progress)
-        with pruned_layers(model, layer_ids):
-            nll["pruned"], timing["pruned"] = _eval_corpora(model, chunks, "pruned", progress)
-        if reuse_reference:
-            write_json(ref_file, {"full": nll["full"], "pruned": nll["pruned"], "timing": {k: timing[k] for k in ("full", "pruned")},
-                                  "base": str(base_dir), "split": list(split), "n_chunks": n_chunks}, sort_keys=True)
+    ref_file = cache_dir / f"reference-{reference_key}.json" if reuse_reference else None
+    nll, timing, reference_reused = _reference_nlls(
+        model, plan.prelude + (plan.recurrent,) + plan.coda, chunks, ref_file,
+        {"base": str(base_dir), "split": list(split), "n_chunks": n_chunks}, progress)
     diag: dict[str, dict] = {}
     params: dict[str, int] = {"full": 0, "pruned": 0}
     arms_reused = []
     for name, r in resolved.items():
         # hashing the adapter's bytes only when the cache is in use
         arm_file = cache_dir / f"arm-{_arm_key(reference_key, r['adapter_dir'], diagnostics_chunks)}.json" if reuse_arms else None
-        if arm_file is not None and arm_file.is_file():
-            hit = json.loads(arm_file.read_text())
-            nll[name], timing[name], params[name] = hit["nll"], hit["eval_seconds"], hit["trainable_params"]
-            if "diagnostics" in hit:
-                diag[name] = hit["diagnostics"]
+        hit, reused = _arm_nlls(name, r, base, model, chunks, arm_file, diagnostics_chunks, n_chunks, progress)
+        nll[name], timing[name], params[name] = hit["nll"], hit["eval_seconds"], hit["trainable_params"]
+        if "diagnostics" in hit:
+            diag[name] = hit["diagnostics"]
+        if reused:
             arms_reused.append(name)
-            if progress:
-                print(f"[eval] {name}: NLLs reused from {arm_file} (this adapter, scored earlier on the same tokens)", file=sys.stderr)
-            continue
-        if model is None:
-            model, _, _ = load_base(base)
-        peft_model = PeftModel.from_pretrained(model, str(r["adapter_dir"]))
-        peft_model.eval()
-        adapter = peft_model.base_model.model.model.ouroboros_adapter["default"]
-        params[name] = sum(p.numel() for p in adapter.parameters())
-        nll[name], timing[name] = _eval_corpora(peft_model, chunks, name, progress)
-        if diagnostics_chunks:
-            src = chunks["indist"] if "indist" in chunks else next(iter(chunks.values()))
-            diag[name] = adapter_diagnostics(peft_model, src[:diagnostics_chunks])
-        model = None  # the base now carries this adapter: load a clean one for the next arm
-        del peft_model
-        if arm_file is not None:
-            write_json(arm_file, {"nll": nll[name], "eval_seconds": timing[name], "trainable_params": params[name],
-                                  "adapter": str(r["adapter_dir"]), "n_chunks": n_chunks,
-                                  **({"diagnostics": diag[name]} if name in diag else {})}, sort_keys=True)
+        else:
+            model = None  # the base now carries this adapter: load a clean one for the next arm
 
     arm_names = ["full", "pruned"] + list(resolved)
     results = {"model": base_dir.name, "arms": {}}  # the model folder's name; its full path is in details.json
@@ -317,25 +332,27 @@ def evaluate(
         "full_protocol": n_chunks >= int(manifest_meta.get("protocol", {}).get("n_chunks", 64)),
         "perplexity": {a: {c: math.exp(nll[a][c]) for c in corpora} for a in arm_names},
         "eval_seconds": timing,
-        "reference_reused": cached is not None,
+        "reference_reused": reference_reused,
         "arms_reused": arms_reused,
         "training": {name: r["summary"] for name, r in resolved.items()},
         "arm_paths": {name: str(arms[name]) for name in resolved},
         "diagnostics": diag,
         "eval_wall_s": time.perf_counter() - t_start,
         "peak_rss_mb": peak_rss_mb(),
+        **(extra_details or {}),
     }
-    if extra_details:
-        details.update(extra_details)
+    _write_outputs(out_dir, results, details, resolved, diag, plots)
+    return results
+
+
+def _write_outputs(out_dir: Path, results: dict, details: dict, resolved, diag, plots: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "results.json", results)
     write_json(out_dir / "details.json", details)
-    table = markdown_table(results, details)
-    write_text(out_dir / "results.md", table)
+    write_text(out_dir / "results.md", markdown_table(results, details))
     if plots:
         details["plots"] = write_plots(out_dir, resolved, results, diag)
         write_json(out_dir / "details.json", details)
-    return results
 
 
 def markdown_table(results: dict, details: Optional[dict] = None) -> str:
@@ -369,7 +386,7 @@ def write_plots(out_dir: Path, resolved: Mapping[str, dict], results: dict, diag
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("[eval] matplotlib is not installed (pip install 'ouroboros-peft[plots]'): no plots written", file=sys.stderr)
+        print("[eval] matplotlib is not installed (pip install 'ouroboros-evaluate[plots]'): no plots written", file=sys.stderr)
         return []
     written = []
     corpora = list(next(iter(results["arms"].values()))["heldout"])
@@ -402,12 +419,7 @@ def write_plots(out_dir: Path, resolved: Mapping[str, dict], results: dict, diag
         ax.set_title(f"held-out {c} (dotted: after training)")
         ax.set_xlabel("training tokens")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "loss_curves.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    written.append(path.name)
+    written.append(_save_figure(plt, fig, out_dir / "loss_curves.png"))
 
     if diag:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -422,10 +434,13 @@ def write_plots(out_dir: Path, resolved: Mapping[str, dict], results: dict, diag
             ax.set_xlabel("recurrence step")
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / "recurrence.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-        plt.close(fig)
-        written.append(path.name)
+        written.append(_save_figure(plt, fig, out_dir / "recurrence.png"))
     return written
+
+
+def _save_figure(plt, fig, path: Path) -> str:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path.name

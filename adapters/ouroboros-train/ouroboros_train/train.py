@@ -1,26 +1,25 @@
-"""Training an Ouroboros adapter: `train(TrainConfig(...))` or `ouroboros train`.
+"""Training an Ouroboros adapter on `transformers.Trainer`: `train(TrainConfig(...))` or `ouroboros train`.
 
-What the loop guarantees
+What Trainer does (scheduler, checkpoints and resume, logging and progress, gradient accumulation, bf16
+autocast, clipping, several processes) is Trainer's; this module adds what is Ouroboros-specific:
     * Next-token labels shifted once: the batch is passed as ``labels=input_ids`` and the transformers
-      causal-LM loss shifts internally (never pre-shifted here).
+      causal-LM loss shifts internally (``label_offset=2`` reproduces the reference's double shift, for comparison).
     * Trainable parameters (the adapter) stay fp32; ``bf16=True`` only autocasts the forward pass.
-    * AdamW, linear warmup then cosine decay, both counted in optimizer updates; gradient accumulation;
-      gradient clipping.
-    * Deterministic data order and depth: sequence order comes from ``seed`` and the epoch, a sampled depth
-      from ``seed`` and the update index, so a checkpoint only needs counters (plus the optimizer state and
-      torch's RNG) to continue exactly where it stopped: an interrupted-then-resumed run reproduces the loss
-      curve of an uninterrupted one.
-    * Checkpoints every K updates under ``RUN/checkpoints/ckpt-XXXXXX/``: ``trainable.safetensors`` (adapter
-      parameters by name), ``optimizer.safetensors`` (AdamW moments + torch RNG, JSON metadata for the rest),
-      ``state.json``; each written to a temporary folder and renamed; ``RUN/latest.json`` points at the newest.
-      No pickle anywhere.
-    * A NaN/inf loss or gradient stops training with `TrainingDiverged`, leaving the last good checkpoint.
+    * Deterministic data order: the stream is cut into ``seq_len`` windows visited in a seeded order redrawn every
+      epoch; the dataset is that order (Trainer samples it sequentially), so the global batch and its order do not
+      depend on the number of processes (``batch_size`` is per process, as in Trainer) and a resume continues it.
+    * `OuroborosCallback`: calibration on the global first batch, per-update depth sampling, divergence stop.
+    * Several processes (``torchrun --nproc-per-node N --no-python ouroboros train ...``): only rank 0 writes
+      the run folder; every rank ends with the same adapter.
     * Bad input (missing/corrupt model, too little text, seq_len over the model's limit, a split/rank/depth
-      the model cannot take, an existing run folder without ``overwrite``) fails before any training.
+      the model cannot take, an existing run folder without ``overwrite``, a resume with another number of
+      processes) fails before any training and before anything is written.
 
 Run folder
-    config.json (this TrainConfig), log.jsonl (one record per update, plus ``"kind": "eval"`` records),
-    checkpoints/, latest.json, adapter/ (PEFT ``save_pretrained`` output: loadable with
+    config.json (this TrainConfig), log.jsonl (one ``{"kind": "train", "update": k, "loss": ...}`` record per update,
+    plus ``"kind": "eval"`` records), checkpoints/checkpoint-K/ (Trainer's: adapter safetensors, optimizer, scheduler,
+    RNG state, trainer_state.json; the non-safetensors files are read back only with torch's ``weights_only`` loader,
+    and training_args.bin is never read), adapter/ (PEFT ``save_pretrained`` output: loadable with
     ``PeftModel.from_pretrained`` and ``ouroboros export``), summary.json (tokens, wall time, step time, peak RSS).
 """
 
@@ -29,18 +28,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
+import os
 import resource
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from transformers import TrainerCallback
 
 from ouroboros_plugins.atomic import atomic_dir, write_json, write_jsonl
+
+from ouroboros_peft.calibration import active_ouroboros, calibrate_step_norms
+
+from .callback import OuroborosCallback, TrainingDiverged, depth_at
 
 __all__ = [
     "TrainConfig",
@@ -49,11 +52,11 @@ __all__ = [
     "train",
     "load_base",
     "build_model",
-    "lr_at",
     "depth_at",
     "batch_at",
     "text_token_stream",
     "calibrate_step_norms",
+    "last_checkpoint",
     "peak_rss_mb",
 ]
 
@@ -68,10 +71,6 @@ class TrainResult:
     run_dir: Path
     summary: dict  # what RUN/summary.json holds
     model: object  # the PEFT model with the trained adapter (eval mode)
-
-
-class TrainingDiverged(RuntimeError):
-    """Raised when the loss or the gradient becomes NaN/inf."""
 
 
 @dataclass
@@ -117,6 +116,11 @@ class TrainConfig:
     log_every: int = 1
     progress: bool = True
     threads: Optional[int] = None
+    world_size: int = field(
+        default=1,
+        metadata={"help": "processes the run was started with (set by train() from the launcher's environment; a resume "
+                  "must use the same number, since batch_size is per process)"},
+    )
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -124,7 +128,7 @@ class TrainConfig:
         if self.depth_range is not None:
             self.depth_range = tuple(int(x) for x in self.depth_range)
         self.adapter = dict(self.adapter)
-        for name in ("seq_len", "batch_size", "grad_accum", "max_updates", "checkpoint_every", "keep_checkpoints", "log_every"):
+        for name in ("seq_len", "batch_size", "grad_accum", "max_updates", "checkpoint_every", "keep_checkpoints", "log_every", "world_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -148,8 +152,13 @@ class TrainConfig:
                 raise ValueError(f"depth_range must be (lo, hi) with 1 <= lo <= hi, got {self.depth_range}")
 
     @property
+    def sequences_per_update(self) -> int:
+        """The global batch: batch_size per process x processes x gradient accumulation."""
+        return self.batch_size * self.world_size * self.grad_accum
+
+    @property
     def tokens_per_update(self) -> int:
-        return self.seq_len * self.batch_size * self.grad_accum
+        return self.seq_len * self.sequences_per_update
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -166,24 +175,6 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------------
 # schedule, data order, depth: pure functions of counters (what makes resume exact)
 # ----------------------------------------------------------------------------------------------------
-
-
-def lr_at(update: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer update `update` (0-based): linear warmup over `warmup` updates, then cosine
-    from `lr` down to `lr * min_lr_ratio` at the last update."""
-    if cfg.warmup and update < cfg.warmup:
-        return cfg.lr * (update + 1) / cfg.warmup
-    span = max(1, cfg.max_updates - cfg.warmup - 1)
-    progress = min(1.0, (update - cfg.warmup) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def depth_at(update: int, cfg: TrainConfig, default: int) -> int:
-    if cfg.depth_range is None:
-        return default
-    lo, hi = cfg.depth_range
-    return random.Random(cfg.seed * 1_000_003 + update).randint(lo, hi)
 
 
 def _epoch_order(n_seq: int, seed: int, epoch: int) -> torch.Tensor:
@@ -258,7 +249,7 @@ def build_model(base_model, adapter_kwargs: dict):
     """PEFT-wrap `base_model` with a fresh Ouroboros adapter (SVD bases from the removed layers)."""
     from peft import get_peft_model
 
-    from .config import OuroborosConfig
+    from ouroboros_peft import OuroborosConfig
 
     try:
         config = OuroborosConfig(**adapter_kwargs)
@@ -296,11 +287,12 @@ def _training_stream(cfg: TrainConfig, tokenizer) -> torch.Tensor:
 
         stream = training_token_stream(tokenizer)
         what = "the Python docs training split"
-    need = cfg.seq_len * cfg.batch_size * cfg.grad_accum
+    need = cfg.tokens_per_update
     if stream.numel() < need:
         raise ValueError(
-            f"training corpus too small: {what} holds {stream.numel()} tokens, one update needs {need} "
-            f"(seq_len {cfg.seq_len} x batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum})"
+            f"training corpus too small: {what} holds {stream.numel()} tokens ({stream.numel() // cfg.seq_len} sequences of "
+            f"{cfg.seq_len}), one update needs {need} (seq_len {cfg.seq_len} x batch_size {cfg.batch_size} per process x "
+            f"{cfg.world_size} processes x grad_accum {cfg.grad_accum})"
         )
     return stream
 
@@ -322,38 +314,6 @@ def _heldout_chunks(cfg: TrainConfig, vocab_size: int) -> dict:
     return out
 
 
-@torch.no_grad()
-def calibrate_step_norms(model, ids: torch.Tensor) -> list:
-    """Set every row t of the per-step RMSNorm weight to the median (over tokens) RMS of the recurrent layer's
-    output u_t, computed step by step on `ids` at the deepest depth the tables allow. RMSNorm with unit weight
-    rescales the residual stream to RMS 1 (SmolLM2's mid-layer stream has RMS ~5-7), which the coda never saw;
-    this keeps n_t ~ u_t at the start. Returns the values set. Uses no randomness."""
-    wrapper = model.base_model.model.model
-    name = wrapper.active_ouroboros()
-    adapter, plan = wrapper.ouroboros_adapter[name], wrapper.plans[name]
-    rows = adapter.norms.weight.shape[0]
-    original = adapter.update
-    values = []
-
-    def update(u, h, step):
-        rms = u.float().pow(2).mean(-1).sqrt()
-        values.append(float(rms.median()))
-        adapter.norms.weight[step].fill_(values[-1])
-        return original(u, h, step)
-
-    was_training = model.training
-    adapter.update = update
-    wrapper.plans[name] = dataclasses.replace(plan, num_steps=rows)
-    try:
-        model.eval()
-        model(input_ids=ids)
-    finally:
-        del adapter.update
-        wrapper.plans[name] = plan
-        model.train(was_training)
-    return values
-
-
 def _labels(ids: torch.Tensor, offset: int) -> torch.Tensor:
     """Labels for the transformers causal-LM loss, which shifts by one itself: the ids unchanged (offset 1), or
     pre-shifted once more (offset 2, the reference implementation's bug: the target is two tokens ahead)."""
@@ -370,6 +330,30 @@ def _check_against_model(cfg: TrainConfig, model) -> None:
         raise ValueError(f"seq_len {cfg.seq_len} is above the model's max_position_embeddings ({limit})")
 
 
+
+
+# ----------------------------------------------------------------------------------------------------
+# the dataset: the training order itself
+# ----------------------------------------------------------------------------------------------------
+
+
+class SequenceWindows(torch.utils.data.Dataset):
+    """Item p = the training sequence at global position p of the run (`batch_at`), with its labels. Sampled
+    sequentially, this is the old loop's order whatever the number of processes: accelerate gives process r the
+    batches r, r + N, r + 2N, ... of the sequence, so one global batch is the same rows as one process would take."""
+
+    def __init__(self, stream: torch.Tensor, cfg: TrainConfig):
+        self.stream, self.seq_len, self.seed, self.label_offset = stream, cfg.seq_len, cfg.seed, cfg.label_offset
+        self.length = cfg.max_updates * cfg.sequences_per_update
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, p: int) -> dict:
+        ids = batch_at(self.stream, int(p), 1, self.seq_len, self.seed)[0]
+        return {"input_ids": ids, "labels": _labels(ids[None], self.label_offset)[0]}
+
+
 # ----------------------------------------------------------------------------------------------------
 # files
 # ----------------------------------------------------------------------------------------------------
@@ -382,76 +366,13 @@ def read_log(run_dir) -> list:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _trainable(model) -> list:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def _save_checkpoint(run_dir: Path, update: int, named, optimizer, state: dict, keep: int) -> Path:
-    from safetensors.torch import save_file
-
-    ckpts = run_dir / "checkpoints"
-    ckpts.mkdir(parents=True, exist_ok=True)
-    final = ckpts / f"ckpt-{update:06d}"
-    with atomic_dir(final) as tmp:
-        save_file({n: p.detach().clone().contiguous() for n, p in named}, str(tmp / "trainable.safetensors"))
-        opt_tensors, steps = {}, {}
-        opt_state = optimizer.state
-        for n, p in named:
-            s = opt_state.get(p)
-            if not s:
-                continue
-            opt_tensors[f"{n}::exp_avg"] = s["exp_avg"].detach().clone().contiguous()
-            opt_tensors[f"{n}::exp_avg_sq"] = s["exp_avg_sq"].detach().clone().contiguous()
-            steps[n] = float(s["step"])
-        opt_tensors["rng::torch_cpu"] = torch.get_rng_state()
-        groups = []
-        for g in optimizer.state_dict()["param_groups"]:
-            groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"})
-        meta = {"steps": steps, "param_groups": groups, "param_names": [n for n, _ in named]}
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata={"ouroboros_optimizer": json.dumps(meta)})
-        write_json(tmp / "state.json", state, sort_keys=True)
-    write_json(run_dir / "latest.json", {"checkpoint": f"checkpoints/{final.name}", "update": update}, sort_keys=True)
-    old = sorted(p for p in ckpts.glob("ckpt-*") if p.is_dir())
-    for p in old[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
-    return final
-
-
-def _load_checkpoint(ckpt: Path, named, optimizer) -> dict:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    try:
-        weights = load_file(str(ckpt / "trainable.safetensors"))
-        with safe_open(str(ckpt / "optimizer.safetensors"), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["ouroboros_optimizer"])
-            opt_tensors = {k: f.get_tensor(k) for k in f.keys()}
-        state = json.loads((ckpt / "state.json").read_text())
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"checkpoint {ckpt} is unreadable: {exc}") from exc
-    names = [n for n, _ in named]
-    if sorted(weights) != sorted(names) or meta["param_names"] != names:
-        raise ValueError(f"checkpoint {ckpt} does not match this adapter's trainable parameters")
-    with torch.no_grad():
-        for n, p in named:
-            p.copy_(weights[n])
-    sd = optimizer.state_dict()
-    opt_state = {}
-    for i, (n, _) in enumerate(named):
-        if n in meta["steps"]:
-            opt_state[i] = {
-                "step": torch.tensor(meta["steps"][n], dtype=torch.float32),
-                "exp_avg": opt_tensors[f"{n}::exp_avg"],
-                "exp_avg_sq": opt_tensors[f"{n}::exp_avg_sq"],
-            }
-    groups = []
-    for fresh, saved in zip(sd["param_groups"], meta["param_groups"]):
-        g = dict(fresh)
-        g.update({k: (tuple(v) if isinstance(fresh.get(k), tuple) else v) for k, v in saved.items()})
-        groups.append(g)
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    torch.set_rng_state(opt_tensors["rng::torch_cpu"])
-    return state
+def last_checkpoint(run_dir) -> Optional[Path]:
+    """The newest Trainer checkpoint of a run (RUN/checkpoints/checkpoint-K with its trainer_state.json), or None."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 def _save_adapter(model, out: Path) -> None:
@@ -460,6 +381,7 @@ def _save_adapter(model, out: Path) -> None:
 
 
 def _prepare_run_dir(cfg: TrainConfig, overwrite: bool, resume: bool) -> Path:
+    """Check the run folder against the request (read only: every process runs this before any writes)."""
     run = Path(cfg.out)
     if resume:
         if not (run / "config.json").is_file():
@@ -471,7 +393,8 @@ def _prepare_run_dir(cfg: TrainConfig, overwrite: bool, resume: bool) -> Path:
             if f.name not in RESUME_FREE_FIELDS and f.name != "out" and getattr(stored, f.name) != getattr(cfg, f.name)
         ]
         if diffs:
-            raise ValueError("--resume needs the run's own settings; these differ: " + "; ".join(diffs))
+            hint = " (batch_size is per process: resume with the run's number of processes)" if stored.world_size != cfg.world_size else ""
+            raise ValueError("--resume needs the run's own settings; these differ: " + "; ".join(diffs) + hint)
         return run
     if run.exists() and (not run.is_dir() or any(run.iterdir())):
         if not overwrite:
@@ -479,18 +402,167 @@ def _prepare_run_dir(cfg: TrainConfig, overwrite: bool, resume: bool) -> Path:
     return run
 
 
+def _start_run_dir(cfg: TrainConfig, run: Path, checkpoint: Optional[Path]) -> None:
+    """Rank 0 only: a fresh folder with config.json and an empty log, or the log cut back to the checkpoint's update."""
+    if checkpoint is None:
+        if run.exists():
+            shutil.rmtree(run)
+        run.mkdir(parents=True)
+        write_json(run / "config.json", cfg.to_json(), sort_keys=True)
+        write_jsonl(run / "log.jsonl", [])
+    else:
+        update = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+        write_jsonl(run / "log.jsonl", [r for r in read_log(run) if r["update"] <= update], sort_keys=True)
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _fmt_time(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+# ----------------------------------------------------------------------------------------------------
+# Trainer: arguments and the run-folder callback
+# ----------------------------------------------------------------------------------------------------
+
+
+def launcher_world_size() -> int:
+    """Processes started by torchrun / accelerate launch (1 when run directly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def training_arguments(cfg: TrainConfig, run: Path):
+    """TrainingArguments for `cfg`: Trainer's AdamW, warmup + cosine to lr * min_lr_ratio, clipping, accumulation,
+    bf16 autocast, checkpoints every `checkpoint_every` updates keeping `keep_checkpoints`, one log per update."""
+    from transformers import TrainingArguments
+
+    on_cpu = not torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(run / "checkpoints"),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        max_steps=cfg.max_updates,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": cfg.min_lr_ratio},
+        warmup_steps=cfg.warmup,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.betas[0],
+        adam_beta2=cfg.betas[1],
+        optim="adamw_torch",
+        max_grad_norm=cfg.grad_clip if cfg.grad_clip else 0.0,
+        bf16=cfg.bf16,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        train_sampling_strategy="sequential",  # the order is in SequenceWindows
+        save_strategy="steps",
+        save_steps=cfg.checkpoint_every,
+        save_total_limit=cfg.keep_checkpoints,
+        logging_strategy="steps",
+        logging_steps=1,  # one log.jsonl record per update
+        logging_nan_inf_filter=False,  # a NaN loss must be seen, not averaged away
+        disable_tqdm=not cfg.progress,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        ddp_backend="gloo" if on_cpu and cfg.world_size > 1 else None,
+        ddp_find_unused_parameters=False,
+        ddp_broadcast_buffers=False,  # frozen bases and rotary tables are identical on every process
+        use_cpu=on_cpu,
+    )
+
+
+class RunFolderCallback(TrainerCallback):
+    """Writes the run folder's log.jsonl (rank 0), times each update, runs the periodic held-out evaluation and
+    calls `on_update(update, loss)` after each update's log record (raising from it interrupts the run)."""
+
+    def __init__(self, cfg: TrainConfig, run: Path, ouroboros: OuroborosCallback, heldout: dict, is_main: bool,
+                 on_update: Optional[Callable[[int, float], None]]):
+        self.cfg, self.run, self.ouroboros, self.heldout, self.is_main, self.on_update = cfg, run, ouroboros, heldout, is_main, on_update
+        self.step_times: list[float] = []
+        self._t0 = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if logs and "loss" in logs:  # Trainer's per-update log (the end-of-training summary has no "loss")
+            self.record(state.global_step, logs, model)
+
+    def record(self, update: int, logs: dict, model) -> None:
+        dt = time.perf_counter() - self._t0
+        self.step_times.append(dt)
+        loss = float(logs["loss"])
+        record = {"kind": "train", "update": update, "loss": loss, "lr": logs.get("learning_rate"),
+                  "depth": self.ouroboros.depth, "grad_norm": logs.get("grad_norm"),
+                  "tokens": update * self.cfg.tokens_per_update, "step_s": dt}
+        rows = [record]
+        if self.cfg.eval_every and self.is_main and (update % self.cfg.eval_every == 0 or update == self.cfg.max_updates):
+            rows.append({"kind": "eval", "update": update, "tokens": record["tokens"], "heldout": self.evaluate(model)})
+        if self.is_main:
+            with open(self.run / "log.jsonl", "a") as f:
+                for row in rows:
+                    f.write(json.dumps(row, sort_keys=True) + "\n")
+        if self.on_update is not None:
+            self.on_update(update, loss)
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        """Held-out NLL per corpus at the trained depth (not this update's sampled one)."""
+        from .data import heldout_nll
+
+        decoder, name = active_ouroboros(model)
+        sampled = decoder.plans[name]
+        self.ouroboros.restore_depth(model)
+        model.eval()
+        try:
+            return {c: heldout_nll(lambda ids: model(input_ids=ids).logits, chunks, batch_size=8) for c, chunks in self.heldout.items()}
+        finally:
+            decoder.plans[name] = sampled
+            model.train()
 
 
 # ----------------------------------------------------------------------------------------------------
-# the loop
+# train()
 # ----------------------------------------------------------------------------------------------------
+
+
+def _build(cfg: TrainConfig, base_model, tokenizer):
+    """Model with a fresh adapter, training stream and held-out chunks; every check on the inputs."""
+    if base_model is None:
+        base_model, tokenizer, _ = load_base(cfg.base)
+    _check_against_model(cfg, base_model)
+    torch.manual_seed(cfg.seed)
+    model = build_model(base_model, cfg.adapter)
+    spec = model.peft_config["default"]
+    if cfg.depth_range is not None and cfg.depth_range[1] > spec.rows:
+        raise ValueError(
+            f"depth_range {cfg.depth_range} goes deeper than the adapter's per-step tables ({spec.rows} rows); "
+            f"set max_steps >= {cfg.depth_range[1]} in the adapter options"
+        )
+    stream = _training_stream(cfg, tokenizer)
+    heldout = _heldout_chunks(cfg, base_model.config.vocab_size)
+    return model, stream, heldout
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _summary(cfg: TrainConfig, run: Path, model, log: RunFolderCallback, wall_s: float, start_update: Optional[int]) -> dict:
+    steady = log.step_times[2:] if len(log.step_times) > 4 else log.step_times
+    return {
+        "updates": cfg.max_updates,
+        "train_tokens": cfg.max_updates * cfg.tokens_per_update,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "wall_s": wall_s,
+        "step_s_mean": (sum(steady) / len(steady)) if steady else None,
+        "peak_rss_mb": peak_rss_mb(),
+        "final_train_loss": next((r["loss"] for r in reversed(read_log(run)) if r["kind"] == "train"), None),
+        "resumed_from_update": start_update,
+        "adapter": dict(cfg.adapter),
+        "torch_threads": torch.get_num_threads(),
+        "world_size": cfg.world_size,
+    }
 
 
 def train(
@@ -502,156 +574,57 @@ def train(
     base_model=None,
     tokenizer=None,
 ) -> "TrainResult":
-    """Train one adapter; returns a `TrainResult` (its summary is also written to RUN/summary.json).
+    """Train one adapter with `transformers.Trainer`; returns a `TrainResult` (its summary is also RUN/summary.json).
 
-    on_update(update, loss) is called after each optimizer update (1-based) and after any checkpoint of that
-    update; raising from it interrupts the run (what the resume test does). `base_model`/`tokenizer` may be
-    passed to skip loading `cfg.base` (the caller's model is modified in place: it gets the adapter)."""
+    Under torchrun / accelerate launch every process calls this with the same `cfg`; `cfg.batch_size` is per
+    process. on_update(update, loss) is called after each update's log record; raising from it interrupts the run
+    (what the resume test does). `base_model`/`tokenizer` may be passed to skip loading `cfg.base` (the caller's
+    model is modified in place: it gets the adapter)."""
+    from transformers import Trainer
+
+    cfg = dataclasses.replace(cfg, world_size=launcher_world_size())
     run = _prepare_run_dir(cfg, overwrite, resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    args = training_arguments(cfg, run)
+    _ = args.device  # sets up the process group under a launcher, before any process writes
+    is_main = args.process_index == 0
     # -- everything that can fail on bad input happens before the run folder is touched -----------
-    if base_model is None:
-        base_model, tokenizer, _ = load_base(cfg.base)
-    _check_against_model(cfg, base_model)
-    torch.manual_seed(cfg.seed)
-    model = build_model(base_model, cfg.adapter)
-    spec = model.peft_config["default"]
-    wrapper = model.base_model.model.model
-    base_plan = wrapper.plans["default"]
-    if cfg.depth_range is not None and cfg.depth_range[1] > spec.rows:
-        raise ValueError(
-            f"depth_range {cfg.depth_range} goes deeper than the adapter's per-step tables ({spec.rows} rows); "
-            f"set max_steps >= {cfg.depth_range[1]} in the adapter options"
-        )
-    stream = _training_stream(cfg, tokenizer)
-    heldout = _heldout_chunks(cfg, base_model.config.vocab_size)
-
-    if not resume and run.exists():
-        shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
-    latest = run / "latest.json"
-    resuming_from_checkpoint = resume and latest.is_file()
-    if cfg.calibrate_norms and not resuming_from_checkpoint:  # a checkpoint brings its own (trained) norms
-        calibrate_step_norms(model, batch_at(stream, 0, cfg.batch_size, cfg.seq_len, cfg.seed))
+    model, stream, heldout = _build(cfg, base_model, tokenizer)
+    checkpoint = last_checkpoint(run) if resume else None
+    _barrier()  # every process has checked the folder before rank 0 changes it
+    if is_main:
+        _start_run_dir(cfg, run, checkpoint)
     if cfg.pure_bf16:
         model.to(torch.bfloat16)
-    named = _trainable(model)
-    params = [p for _, p in named]
-    if not cfg.pure_bf16 and any(p.dtype != torch.float32 for p in params):
+    elif any(p.dtype != torch.float32 for p in model.parameters() if p.requires_grad):
         raise RuntimeError("trainable parameters must be fp32")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=False)
 
-    start_update, position, elapsed_before = 0, 0, 0.0
-    last_ckpt: Optional[Path] = None
+    dataset = SequenceWindows(stream, cfg)
+    global_first = torch.stack([dataset[p]["input_ids"] for p in range(cfg.batch_size * cfg.world_size)])
+    ouroboros = OuroborosCallback(calibrate=cfg.calibrate_norms, depth_range=cfg.depth_range, seed=cfg.seed,
+                                  calibration_batch=global_first)
+    log = RunFolderCallback(cfg, run, ouroboros, heldout, is_main, on_update)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[ouroboros, log])
+    if not cfg.progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    start_update = None
     if resume:
-        if resuming_from_checkpoint:
-            last_ckpt = run / json.loads(latest.read_text())["checkpoint"]
-            state = _load_checkpoint(last_ckpt, named, optimizer)
-            start_update, position, elapsed_before = state["update"], state["position"], state["elapsed_s"]
-            write_jsonl(run / "log.jsonl", [r for r in read_log(run) if r["update"] <= start_update], sort_keys=True)
-        else:
-            write_jsonl(run / "log.jsonl", [])
-    else:
-        write_json(run / "config.json", cfg.to_json(), sort_keys=True)
-        write_jsonl(run / "log.jsonl", [])
-
-    n_trainable = sum(p.numel() for p in params)
-    log_file = open(run / "log.jsonl", "a")
-    model.train()
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
-    step_times: list[float] = []
-    t_run = time.perf_counter()
-    tokens_done = start_update * cfg.tokens_per_update
-
-    def evaluate_now(update: int) -> dict:
-        from .data import heldout_nll
-
-        model.eval()
-        wrapper.plans["default"] = base_plan
-        out = {}
-        for corpus, chunks in heldout.items():
-            out[corpus] = heldout_nll(lambda ids: model(input_ids=ids).logits, chunks, batch_size=8)
-        model.train()
-        return out
-
+        start_update = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
+    # wall time of the updates kept from earlier calls (their logged step times), plus this call's
+    elapsed_before = sum(r.get("step_s") or 0.0 for r in read_log(run) if r["kind"] == "train" and r["update"] <= (start_update or 0))
+    t0 = time.perf_counter()
     try:
-        for update in range(start_update, cfg.max_updates):
-            t0 = time.perf_counter()
-            lr = lr_at(update, cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            depth = depth_at(update, cfg, base_plan.num_steps)
-            wrapper.plans["default"] = dataclasses.replace(base_plan, num_steps=depth)
-            optimizer.zero_grad(set_to_none=True)
-            total = 0.0
-            for micro in range(cfg.grad_accum):
-                ids = batch_at(stream, position, cfg.batch_size, cfg.seq_len, cfg.seed)
-                position += cfg.batch_size
-                with autocast:
-                    loss = model(input_ids=ids, labels=_labels(ids, cfg.label_offset)).loss
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise TrainingDiverged(
-                        f"loss became {value} at update {update + 1} (micro-batch {micro + 1}); training stopped. "
-                        f"Last good checkpoint: {last_ckpt or 'none written yet'}. Try a lower lr (now {lr:.3g})."
-                    )
-                (loss / cfg.grad_accum).backward()
-                total += value / cfg.grad_accum
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
-            if not math.isfinite(float(norm)):
-                raise TrainingDiverged(
-                    f"gradient norm became {float(norm)} at update {update + 1}; training stopped. "
-                    f"Last good checkpoint: {last_ckpt or 'none written yet'}. Try a lower lr (now {lr:.3g})."
-                )
-            optimizer.step()
-            dt = time.perf_counter() - t0
-            step_times.append(dt)
-            tokens_done += cfg.tokens_per_update
-            done = update + 1
-            record = {"kind": "train", "update": done, "loss": total, "lr": lr, "depth": depth, "grad_norm": float(norm),
-                      "tokens": tokens_done, "step_s": dt}
-            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_updates):
-                record_eval = {"kind": "eval", "update": done, "tokens": tokens_done, "heldout": evaluate_now(done)}
-            else:
-                record_eval = None
-            log_file.write(json.dumps(record, sort_keys=True) + "\n")
-            if record_eval:
-                log_file.write(json.dumps(record_eval, sort_keys=True) + "\n")
-            log_file.flush()
-            if cfg.progress and (done % cfg.log_every == 0 or done == cfg.max_updates):
-                recent = step_times[-10:]
-                per = sum(recent) / len(recent)
-                eta = per * (cfg.max_updates - done)
-                line = (f"[{Path(cfg.out).name}] update {done}/{cfg.max_updates} loss {total:.4f} lr {lr:.2e} "
-                        f"depth {depth} {cfg.tokens_per_update / per:,.0f} tok/s ETA {_fmt_time(eta)}")
-                if record_eval:
-                    line += " | held-out " + " ".join(f"{k} {v:.3f}" for k, v in record_eval["heldout"].items())
-                print(line, file=sys.stderr, flush=True)
-            if done % cfg.checkpoint_every == 0 or done == cfg.max_updates:
-                state = {"update": done, "position": position, "tokens": tokens_done,
-                         "elapsed_s": elapsed_before + time.perf_counter() - t_run}
-                last_ckpt = _save_checkpoint(run, done, named, optimizer, state, cfg.keep_checkpoints)
-            if on_update is not None:
-                on_update(done, total)
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     finally:
-        log_file.close()
-        wrapper.plans["default"] = base_plan
-
-    _save_adapter(model, run / "adapter")
-    steady = step_times[2:] if len(step_times) > 4 else step_times
-    summary = {
-        "updates": cfg.max_updates,
-        "train_tokens": cfg.max_updates * cfg.tokens_per_update,
-        "trainable_params": n_trainable,
-        "wall_s": elapsed_before + time.perf_counter() - t_run,
-        "step_s_mean": (sum(steady) / len(steady)) if steady else None,
-        "peak_rss_mb": peak_rss_mb(),
-        "final_train_loss": next((r["loss"] for r in reversed(read_log(run)) if r["kind"] == "train"), None),
-        "resumed_from_update": start_update if resume else None,
-        "adapter": dict(cfg.adapter),
-        "torch_threads": torch.get_num_threads(),
-    }
-    write_json(run / "summary.json", summary, sort_keys=True)
+        ouroboros.restore_depth(model)  # also when training stopped early
+    wall_s = elapsed_before + time.perf_counter() - t0
     model.eval()
+    summary = _summary(cfg, run, model, log, wall_s, start_update)
+    if is_main:
+        _save_adapter(model, run / "adapter")
+        write_json(run / "summary.json", summary, sort_keys=True)
+    _barrier()
     return TrainResult(run_dir=run, summary=summary, model=model)
