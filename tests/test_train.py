@@ -135,6 +135,29 @@ def test_resume_refuses_changed_training_settings_and_accepts_changed_bookkeepin
     assert len(train_losses(tmp_path / "run")) == 3 and (tmp_path / "run" / "summary.json").is_file()
 
 
+def test_resume_never_restarts_over_checkpoints_it_cannot_read(base_dir, text_file, tmp_path):
+    """A run folder from the hand-written loop (checkpoints/ckpt-XXXXXX, no Trainer checkpoint) is refused on --resume
+    with nothing changed, instead of being restarted from update 0 over its checkpoints."""
+    cfg = config(base_dir, text_file, tmp_path / "run", max_updates=2, checkpoint_every=2)
+    train(cfg)
+    old = tmp_path / "run" / "checkpoints" / "ckpt-000002"
+    (tmp_path / "run" / "checkpoints" / "checkpoint-2").rename(old)
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="hand-written training loop.*ckpt-000002"):
+        train(cfg, resume=True)
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
+def test_resume_before_the_first_checkpoint_restarts_in_place(base_dir, text_file, tmp_path):
+    cfg = config(base_dir, text_file, tmp_path / "run", max_updates=4, checkpoint_every=4)
+    with pytest.raises(Interrupt):
+        train(cfg, on_update=stop_at(2))  # no checkpoint yet
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    result = train(cfg, resume=True)
+    assert [r["update"] for r in read_log(tmp_path / "run")] == [1, 2, 3, 4]
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine" and result.summary["resumed_from_update"] == 0
+
+
 def test_pure_bf16_rounds_away_the_steps_of_large_parameters(base_dir, text_file, tmp_path):
     """The reference's pure-bf16 setup: AdamW steps (~lr) smaller than half a bf16 spacing vanish, so the gate bias
     (logit(0.12) = -1.99, spacing 2^-7) never moves at lr 1e-3, while zero-initialised weights train; with fp32

@@ -26,6 +26,7 @@ Run folder
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -177,6 +178,7 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4)  # SequenceWindows asks for one row at a time: draw each epoch's order once
 def _epoch_order(n_seq: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n_seq, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
 
@@ -395,6 +397,12 @@ def _prepare_run_dir(cfg: TrainConfig, overwrite: bool, resume: bool) -> Path:
         if diffs:
             hint = " (batch_size is per process: resume with the run's number of processes)" if stored.world_size != cfg.world_size else ""
             raise ValueError("--resume needs the run's own settings; these differ: " + "; ".join(diffs) + hint)
+        old = sorted(p.name for p in (run / "checkpoints").glob("ckpt-*"))
+        if old and last_checkpoint(run) is None:
+            raise ValueError(
+                f"{run} holds checkpoints of the hand-written training loop ({', '.join(old)}), which the Trainer engine "
+                "cannot resume; its adapter/ (if the run finished) still loads and evaluates. Nothing was changed."
+            )
         return run
     if run.exists() and (not run.is_dir() or any(run.iterdir())):
         if not overwrite:
@@ -402,17 +410,18 @@ def _prepare_run_dir(cfg: TrainConfig, overwrite: bool, resume: bool) -> Path:
     return run
 
 
-def _start_run_dir(cfg: TrainConfig, run: Path, checkpoint: Optional[Path]) -> None:
-    """Rank 0 only: a fresh folder with config.json and an empty log, or the log cut back to the checkpoint's update."""
-    if checkpoint is None:
+def _start_run_dir(cfg: TrainConfig, run: Path, resume: bool, checkpoint: Optional[Path]) -> None:
+    """Rank 0 only: a fresh folder with config.json and an empty log, or (resuming) the log cut back to the
+    checkpoint's update (to nothing when the run stopped before its first checkpoint)."""
+    if not resume:
         if run.exists():
             shutil.rmtree(run)
         run.mkdir(parents=True)
         write_json(run / "config.json", cfg.to_json(), sort_keys=True)
         write_jsonl(run / "log.jsonl", [])
-    else:
-        update = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
-        write_jsonl(run / "log.jsonl", [r for r in read_log(run) if r["update"] <= update], sort_keys=True)
+        return
+    update = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
+    write_jsonl(run / "log.jsonl", [r for r in read_log(run) if r["update"] <= update], sort_keys=True)
 
 
 def peak_rss_mb() -> float:
@@ -594,7 +603,7 @@ def train(
     checkpoint = last_checkpoint(run) if resume else None
     _barrier()  # every process has checked the folder before rank 0 changes it
     if is_main:
-        _start_run_dir(cfg, run, checkpoint)
+        _start_run_dir(cfg, run, resume, checkpoint)
     if cfg.pure_bf16:
         model.to(torch.bfloat16)
     elif any(p.dtype != torch.float32 for p in model.parameters() if p.requires_grad):
