@@ -14,11 +14,29 @@ def _rms_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 class PoolState:
     """Running prefix sums for `causal_mean` pooling, one (sum, count) pair per recurrence step, so a
-    decode step pools over every earlier token without revisiting them. Lives beside the KV cache."""
+    decode step pools over every earlier token without revisiting them. Lives beside the KV cache and must follow
+    it: whatever a host does to the cache's batch rows (beam reordering, expansion, selection) it does here too."""
 
     def __init__(self):
         self.sums: dict[int, torch.Tensor] = {}  # step -> [B, d] fp32
         self.counts: dict[int, torch.Tensor] = {}  # step -> [B, 1] fp32
+
+    def clear(self) -> None:
+        """Forget every prefix (a new sequence starts)."""
+        self.sums.clear()
+        self.counts.clear()
+
+    def _map_rows(self, fn) -> None:
+        self.sums = {step: fn(t) for step, t in self.sums.items()}
+        self.counts = {step: fn(t) for step, t in self.counts.items()}
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep / reorder batch rows: row i becomes old row rows[i] (beam search's reordering, a batch subset)."""
+        self._map_rows(lambda t: t[rows.to(t.device)])
+
+    def repeat_interleave(self, repeats: int) -> None:
+        """Each batch row repeated `repeats` times in place (expanding a batch to beams)."""
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
 
 def pool(

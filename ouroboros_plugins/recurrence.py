@@ -172,7 +172,9 @@ def run(
     """Prelude -> N modulated recurrent steps -> Coda -> final norm. Returns the last hidden state [B, T, d].
 
     cache: a KV cache with update(k, v, slot) and get_seq_length(slot); slot layout is `plan`'s
-    (prelude layers, then one slot per step, then coda layers). attention_mask: [B, past + T], 1 = token.
+    (prelude layers, then one slot per step, then coda layers). With causal_mean pooling the cache also carries
+    the Controller's prefix sums as `cache.ouroboros_pool` (a PoolState, created here when absent), which the host
+    must reorder, expand and select with the cache's batch rows. attention_mask: [B, past + T], 1 = token.
     """
     spec = adapter.spec
     layers = backbone.layers(decoder)
@@ -209,10 +211,13 @@ def run(
     step_valid = valid[:, -q_len:] if valid is not None else None
     pool_state = None
     if cache is not None and spec.modulation == "controller" and spec.controller_pooling == "causal_mean":
+        # the host's cache carries the prefix sums as `ouroboros_pool` (and keeps them in step with its batch rows)
         pool_state = getattr(cache, "ouroboros_pool", None)
-        if pool_state is None or past == 0:
+        if pool_state is None:
             pool_state = PoolState()
             cache.ouroboros_pool = pool_state
+        if past == 0:
+            pool_state.clear()
     recurrent = layers[plan.recurrent]
 
     def step(t: int, h: torch.Tensor) -> torch.Tensor:

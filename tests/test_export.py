@@ -188,3 +188,20 @@ def test_export_command_line(dirs, tmp_path):
     assert (tmp_path / "cli" / "model.safetensors").is_file()
     again = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "exists and is not empty" in again.stderr
+
+
+def test_exported_model_beam_search_follows_the_cache(exported):
+    """The exported model keeps the Controller's prefix sums in its cache too: cached beam search (3 beams, 2 returned)
+    equals the uncached one, and assisted decoding with causal_mean pooling is refused before generating."""
+    _, out, _ = exported
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(1))
+    kw = dict(num_beams=3, num_return_sequences=2, max_new_tokens=8, do_sample=False, output_scores=True,
+              return_dict_in_generate=True, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, use_cache=True, **kw)
+        full = model.generate(input_ids=ids, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, full.sequences)
+    torch.testing.assert_close(cached.sequences_scores, full.sequences_scores, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="assisted decoding"):
+        model.generate(input_ids=ids, max_new_tokens=4, prompt_lookup_num_tokens=2)

@@ -9,7 +9,7 @@ from ouroboros_plugins import build_adapter, check_fingerprint, find_backbone, f
 
 from .layer import OuroborosDecoder
 from .registration import PREFIX
-from .runtime import refuse_non_causal_generation
+from .runtime import check_generation
 
 
 def decoder_parent(model):
@@ -59,9 +59,9 @@ class OuroborosModel(BaseTuner):
                 p.requires_grad = False
 
     def generate(self, *args, **kwargs):
-        """`PeftModelForCausalLM.generate` lands here; refuse non-causal pooling before any work."""
+        """`PeftModelForCausalLM.generate` lands here; refuse what the active adapter cannot generate before any work."""
         for name in self.active_adapters:
-            refuse_non_causal_generation(self.peft_config[name])
+            check_generation(self.peft_config[name], getattr(self.model, "generation_config", None), kwargs)
         return self.model.generate(*args, **kwargs)
 
     @classmethod

@@ -19,7 +19,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from ouroboros_plugins import LayerPlan, OuroborosAdapter, OuroborosSpec, find_backbone
 
-from .runtime import decode, refuse_non_causal_generation
+from .runtime import decode, check_generation
 
 MODEL_TYPE = "ouroboros"
 ARCHITECTURE = "OuroborosForCausalLM"  # distinct from vLLM's OuroForCausalLM (another looped model)
@@ -138,7 +138,7 @@ class OuroborosForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
 
     def generate(self, *args, **kwargs):
-        refuse_non_causal_generation(self.ouroboros.spec)
+        check_generation(self.ouroboros.spec, self.generation_config, kwargs)
         return super().generate(*args, **kwargs)
 
 
