@@ -16,6 +16,12 @@ MODULATIONS = ("controller", "static")
 POOLINGS = ("causal_mean", "token", "sequence_mean")
 # Poolings whose modulation at position i depends only on positions <= i.
 CAUSAL_POOLINGS = ("causal_mean", "token")
+# Stated ranges. Depth: the paper's tables have 64 rows; 1024 applications of one layer is far past any use and
+# still finishes (10**5 hung a 1 x 8 forward for minutes). Widths: far above any model's hidden size. Retention:
+# the gate bias logit(1 - retention) stays finite (about +-13.8) inside this margin.
+MAX_STEPS = 1024
+MAX_WIDTH = 65536
+RETENTION_MARGIN = 1e-6
 
 
 @dataclass
@@ -26,7 +32,7 @@ class OuroborosSpec:
         default=None,
         metadata={"help": "Index (in the full model) of the layer applied num_steps times. None = middle of the removed span."},
     )
-    num_steps: int = field(default=4, metadata={"help": "Recurrence depth N: how many times the recurrent layer is applied."})
+    num_steps: int = field(default=4, metadata={"help": "Recurrence depth N: how many times the recurrent layer is applied (1..1024)."})
     max_steps: Optional[int] = field(
         default=None,
         metadata={
@@ -55,7 +61,9 @@ class OuroborosSpec:
     controller_hidden: int = field(default=128, metadata={"help": "Controller width (also the step-embedding width)."})
     controller_state_dim: int = field(default=256, metadata={"help": "Width of the Controller's projection of the pooled hidden state."})
     use_gate: bool = field(default=True, metadata={"help": "Gated recurrence h' = g*n + (1-g)*h. False = h' = n (the no-gate ablation)."})
-    gate_retention: float = field(default=0.88, metadata={"help": "Retention 1-g at initialisation, in (0, 1). 0.88 gives gate bias -1.992."})
+    gate_retention: float = field(
+        default=0.88, metadata={"help": "Retention 1-g at initialisation, in [1e-6, 1 - 1e-6]. 0.88 gives gate bias -1.992."}
+    )
     coda_lora_r: int = field(
         default=0,
         metadata={
@@ -69,20 +77,27 @@ class OuroborosSpec:
 
     # -- checks that need no model ---------------------------------------------------------------
     def validate_spec(self) -> None:
-        def need_int(name, low):
+        def need_int(name, low, high=None):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+                bound = f"in {low}..{high}" if high is not None else f">= {low}"
+                raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+
+        def number(name) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            return float(value)
 
         need_int("num_prelude_layers", 0)
         need_int("num_coda_layers", 0)
-        need_int("num_steps", 1)
+        need_int("num_steps", 1, MAX_STEPS)
         need_int("r", 1)
-        need_int("controller_hidden", 1)
-        need_int("controller_state_dim", 1)
+        need_int("controller_hidden", 1, MAX_WIDTH)
+        need_int("controller_state_dim", 1, MAX_WIDTH)
         need_int("coda_lora_r", 0)
         if self.max_steps is not None:
-            need_int("max_steps", 1)
+            need_int("max_steps", 1, MAX_STEPS)
             if self.max_steps < self.num_steps:
                 raise ValueError(f"max_steps ({self.max_steps}) must be >= num_steps ({self.num_steps})")
         if self.recurrent_layer_index is not None:
@@ -91,10 +106,15 @@ class OuroborosSpec:
             raise ValueError(f"modulation must be one of {list(MODULATIONS)}, got {self.modulation!r}")
         if self.controller_pooling not in POOLINGS:
             raise ValueError(f"controller_pooling must be one of {list(POOLINGS)}, got {self.controller_pooling!r}")
-        if not isinstance(self.gate_retention, (int, float)) or not 0.0 < float(self.gate_retention) < 1.0:
-            raise ValueError(f"gate_retention must lie in the open interval (0, 1), got {self.gate_retention!r}")
-        if self.lora_alpha is not None and not (isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0):
-            raise ValueError(f"lora_alpha must be a positive number or None, got {self.lora_alpha!r}")
+        if not isinstance(self.use_gate, bool):
+            raise ValueError(f"use_gate must be True or False, got {self.use_gate!r}")
+        if not RETENTION_MARGIN <= number("gate_retention") <= 1.0 - RETENTION_MARGIN:
+            raise ValueError(
+                f"gate_retention must lie in [{RETENTION_MARGIN:g}, 1 - {RETENTION_MARGIN:g}] (strictly inside (0, 1), so the "
+                f"gate bias stays finite), got {self.gate_retention!r}"
+            )
+        if self.lora_alpha is not None and not number("lora_alpha") > 0:
+            raise ValueError(f"lora_alpha must be a positive finite number or None, got {self.lora_alpha!r}")
         targets = self.targets
         unknown = [t for t in targets if t not in DEFAULT_TARGETS]
         if unknown or not targets or len(set(targets)) != len(targets):
@@ -163,6 +183,13 @@ class OuroborosSpec:
             if self.r > min(d_out, d_in):
                 raise ValueError(
                     f"r={self.r} is larger than projection {name!r} allows: r must be <= min(d_out, d_in) = {min(d_out, d_in)}"
+                )
+        if self.coda_lora_r and projection_shapes:  # the coda LoRA covers every projection of every coda layer
+            name, (d_out, d_in) = min(projection_shapes.items(), key=lambda item: min(item[1]))
+            if self.coda_lora_r > min(d_out, d_in):
+                raise ValueError(
+                    f"coda_lora_r={self.coda_lora_r} is larger than the smallest coda projection ({name!r}, {d_out} x {d_in}) "
+                    f"allows: coda_lora_r must be <= {min(d_out, d_in)}"
                 )
         return LayerPlan(
             num_layers=num_layers,
