@@ -44,6 +44,9 @@ CASES = {
     ("llama", "token"): dict(controller_pooling="token", num_prelude_layers=1, num_coda_layers=1, num_steps=3),
     ("llama", "static"): dict(modulation="static", num_prelude_layers=0, num_coda_layers=1, num_steps=3),
 }
+# The same six with a LoRA on every coda projection (`coda_lora_r`; randomize_adapter moves its B off zero).
+CODA_LORA_CASES = {(arch, f"{variant}+coda_lora"): dict(kw, coda_lora_r=8) for (arch, variant), kw in CASES.items()}
+SETTINGS = CASES | CODA_LORA_CASES
 
 
 def prompts() -> list[list[int]]:
@@ -99,7 +102,7 @@ def exported(work: Path, arch: str, variant: str) -> Path:
         base = work / f"base-{arch}"
         if not base.exists():
             save_base(base, arch)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), ouro_config(**CASES[key]))
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), ouro_config(**SETTINGS[key]))
         randomize_adapter(model, seed=3, scale=0.1)
         adapter = work / f"adapter-{arch}-{variant}"
         model.save_pretrained(adapter)
@@ -287,13 +290,46 @@ def test_causal_mean_is_not_token_pooling(work, monkeypatch):
     assert wrong != expected
 
 
+def zero_coda_lora(model) -> int:
+    """`LLM.apply_model` function: zero every coda LoRA B in the served model (the coda LoRA then adds nothing)."""
+    zeroed = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".coda_lora." in name and name.endswith("_B"):
+                p.zero_()
+                zeroed += 1
+    return zeroed
+
+
+@pytest.mark.parametrize("arch,variant", list(CODA_LORA_CASES))
+def test_coda_lora_greedy_tokens_match_transformers(work, arch, variant):
+    """Coda-LoRA checkpoints: vLLM's greedy tokens are transformers' (chunked prefill, cold pass). Negative
+    control in the same engine: with the coda LoRA zeroed (as if vLLM skipped it) the tokens diverge."""
+    path = exported(work, arch, variant)
+    batch = prompts()
+    expected = reference(work, arch, variant)
+    llm = engine(path)
+    try:
+        got, _ = vllm_greedy(llm, batch)
+        zeroed = llm.apply_model(zero_coda_lora)
+        llm.reset_prefix_cache()
+        skipped, _ = vllm_greedy(llm, batch)
+    finally:
+        close(llm)
+    for i, ids in enumerate(expected):
+        assert got[i] == ids, f"prompt {i}: vLLM diverged from transformers at token {first_divergence(got[i], ids)}"
+    assert zeroed == [SETTINGS[arch, variant]["num_coda_layers"] * 7]  # one engine worker; 7 projections per coda layer
+    diverged = [first_divergence(s, e) for s, e in zip(skipped, expected) if s != e]
+    assert len(diverged) >= len(expected) // 2, f"the coda LoRA does not change the tokens: {skipped} vs {expected}"
+
+
 # -- bad input ----------------------------------------------------------------------------------------
 
 
-def corrupted(work: Path, name: str, edit_config=None, edit_tensors=None) -> Path:
+def corrupted(work: Path, name: str, edit_config=None, edit_tensors=None, source=("qwen2", "token")) -> Path:
     from safetensors.torch import load_file, save_file
 
-    src = exported(work, "qwen2", "token")
+    src = exported(work, *source)
     dst = work / f"bad-{name}"
     shutil.copytree(src, dst, dirs_exist_ok=True)
     if edit_config:
@@ -327,6 +363,11 @@ BAD_INPUTS = {
         {},
         r"unexpected tensors.*ouroboros\.extra\.weight",
     ),
+    "missing-coda-lora-tensor": (
+        dict(edit_tensors=lambda t: t.pop("ouroboros.coda_lora.layers.0.up_proj_A"), source=("qwen2", "token+coda_lora")),
+        {},
+        r"missing tensors.*ouroboros\.coda_lora\.layers\.0\.up_proj_A",
+    ),
     "sequence-mean": (
         dict(edit_config=lambda c: c.update(controller_pooling="sequence_mean")),
         {},
@@ -351,14 +392,20 @@ def test_bad_checkpoint_is_refused_at_load_naming_the_problem(work, case):
 
 def test_engine_side_load_check_without_the_front_end_hook(work, monkeypatch):
     """The same strictness inside the engine (where vLLM loads weights), for when the front-end config hook
-    is unavailable: the engine's own error names the missing tensor."""
+    is unavailable: the engine's own error names the missing tensors (a coda LoRA one among them)."""
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     monkeypatch.delitem(MODELS_CONFIG_MAP, "OuroborosForCausalLM", raising=False)
     monkeypatch.setattr("ouroboros_vllm._register_config_check", lambda: None)
-    path = corrupted(work, "engine-side", edit_tensors=lambda t: t.pop("ouroboros.norms.weight"))
+
+    def drop(tensors):
+        tensors.pop("ouroboros.norms.weight")
+        tensors.pop("ouroboros.coda_lora.layers.0.down_proj_B")
+
+    path = corrupted(work, "engine-side", edit_tensors=drop, source=("qwen2", "token+coda_lora"))
     message = refused(path)
-    assert "checkpoint does not match the Ouroboros model" in message and "['ouroboros.norms.weight']" in message, message[-2000:]
+    missing = "['ouroboros.coda_lora.layers.0.down_proj_B', 'ouroboros.norms.weight']"
+    assert "checkpoint does not match the Ouroboros model" in message and missing in message, message[-2000:]
 
 
 # -- vllm serve ---------------------------------------------------------------------------------------

@@ -20,10 +20,14 @@ in `load_weights` shifts the coda by N-1. One step (the core's math, see ourobor
     u_t = layer(h_t) with y = W x + b + (alpha/r) B (m_t * A x) on each target projection
     h_{t+1} = g * RMSNorm_t(u_t) + (1 - g) * h_t
 
+With `coda_lora_r > 0` every projection of coda layer k also carries a LoRA (`ouroboros.coda_lora.layers.k.*`):
+y = W x + b + B (A x), scale 1, no modulation.
+
 vLLM fuses q/k/v and gate/up into one matmul each; the low-rank deltas are computed per projection and
-added to their slice. The step is written out with the layer's own modules rather than calling the layer:
-the layer's forward passes its input on as the residual, which vLLM's fused add+RMSNorm overwrites in place
-(on GPU), and the gate still needs h_t. Nothing here writes into h_t.
+added to their slice (`_with_deltas`). The step is written out with the layer's own modules rather than
+calling the layer (`layer_forward`): the layer's forward passes its input on as the residual, which vLLM's
+fused add+RMSNorm overwrites in place (on GPU), and the gate still needs h_t. Nothing here writes into h_t.
+A coda with a LoRA runs through the same `layer_forward`; a plain coda is vLLM's own layer call.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from .config import spec_from_config
 
 QKV = ("q_proj", "k_proj", "v_proj")
 GATE_UP = ("gate_proj", "up_proj")
+PROJECTIONS = QKV + ("o_proj",) + GATE_UP + ("down_proj",)
 
 # checkpoint projection -> (vLLM fused parameter, shard id); one table for loading, one loop in load_weights.
 STACKED = {
@@ -210,44 +215,59 @@ class OuroborosModel(nn.Module):
             pooled = h.to(torch.float32)
         return self.ouroboros.controller(pooled, t)
 
-    def _with_deltas(self, y: torch.Tensor, x: torch.Tensor, names: tuple, sizes: list, m: dict) -> torch.Tensor:
-        """y = fused projection output; add scale * B (m * A x) to the slice of each modulated projection."""
-        if not any(name in m for name in names):
+    def step_lora(self, m: dict) -> dict:
+        """The recurrent layer's low-rank paths under modulation m: name -> (A [r, d_in], B [d_out, r], m [T, r])."""
+        return {name: (*self.ouroboros.bases.pair(name), m[name]) for name in m}
+
+    def coda_lora(self, k: int) -> dict:
+        """Coda layer k's LoRA: name -> (A [r, d_in], B [d_out, r], None), every projection, unmodulated."""
+        layer = self.ouroboros.coda_lora.layers[k]
+        return {name: (getattr(layer, f"{name}_A"), getattr(layer, f"{name}_B"), None) for name in PROJECTIONS}
+
+    def _with_deltas(self, y: torch.Tensor, x: torch.Tensor, names: tuple, sizes: list, lora: dict, scale: float) -> torch.Tensor:
+        """y = fused projection output [T, sum(sizes)]; add scale * B (m * A x) (fp32, m = 1 when None) to the
+        slice of each projection in `lora` (name -> (A, B, m))."""
+        if not any(name in lora for name in names):
             return y
-        scale = self.spec.scale
         parts = list(y.split(sizes, dim=-1))
         xf = None
         for i, name in enumerate(names):
-            if name not in m:
+            if name not in lora:
                 continue
-            a, b = self.ouroboros.bases.pair(name)
+            a, b, m = lora[name]
             if xf is None:
                 xf = x.to(a.dtype)
-            delta = ((xf @ a.t()) * m[name]) @ b.t()
+            z = xf @ a.t()  # [T, r]
+            delta = (z if m is None else z * m) @ b.t()
             parts[i] = parts[i] + (scale * delta).to(y.dtype)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
-    def step(self, t: int, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        layer = self.layers[self.num_prelude]
+    def layer_forward(
+        self, layer: nn.Module, kv: Attention, positions: torch.Tensor, h: torch.Tensor, lora: dict, scale: float
+    ) -> torch.Tensor:
+        """A vLLM decoder layer written out with its own modules, attending through `kv` (the KV-cache slot),
+        every projection plus its low-rank delta (`_with_deltas`). h [T, d] -> h + attn + mlp [T, d]."""
         attn, mlp = layer.self_attn, layer.mlp
-        m = self.modulation(t, h)
-
         x = layer.input_layernorm(h)  # no residual argument: returns a new tensor
         qkv, _ = attn.qkv_proj(x)
-        qkv = self._with_deltas(qkv, x, QKV, [attn.q_size, attn.kv_size, attn.kv_size], m)
+        qkv = self._with_deltas(qkv, x, QKV, [attn.q_size, attn.kv_size, attn.kv_size], lora, scale)
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         q, k = attn.rotary_emb(positions, q, k)
-        o = self.step_attention(t)(q, k, v)
+        o = kv(q, k, v)
         out, _ = attn.o_proj(o)
-        mid = h + self._with_deltas(out, o, ("o_proj",), [out.shape[-1]], m)
+        mid = h + self._with_deltas(out, o, ("o_proj",), [out.shape[-1]], lora, scale)
 
         x = layer.post_attention_layernorm(mid)
         gate_up, _ = mlp.gate_up_proj(x)
         half = gate_up.shape[-1] // 2
-        gate_up = self._with_deltas(gate_up, x, GATE_UP, [half, half], m)
+        gate_up = self._with_deltas(gate_up, x, GATE_UP, [half, half], lora, scale)
         act = mlp.act_fn(gate_up)
         down, _ = mlp.down_proj(act)
-        u = mid + self._with_deltas(down, act, ("down_proj",), [down.shape[-1]], m)
+        return mid + self._with_deltas(down, act, ("down_proj",), [down.shape[-1]], lora, scale)
+
+    def step(self, t: int, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        lora = self.step_lora(self.modulation(t, h))
+        u = self.layer_forward(self.layers[self.num_prelude], self.step_attention(t), positions, h, lora, self.spec.scale)
         return self.ouroboros.update(u, h, t)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None) -> torch.Tensor:
@@ -259,9 +279,14 @@ class OuroborosModel(nn.Module):
             h = h + residual  # vLLM layers hand back (branch output, residual); the hidden state is their sum
         for t in range(self.num_steps):
             h = self.step(t, positions, h)
-        residual = None
         first = self.num_prelude + self.num_steps
-        for layer in self.layers[first : first + self.num_coda]:
+        coda = self.layers[first : first + self.num_coda]
+        if self.spec.coda_lora_r:
+            for k, layer in enumerate(coda):
+                h = self.layer_forward(layer, layer.self_attn.attn, positions, h, self.coda_lora(k), 1.0)
+            return self.norm(h)
+        residual = None
+        for layer in coda:
             h, residual = layer(positions, h, residual)
         if residual is None:
             return self.norm(h)
