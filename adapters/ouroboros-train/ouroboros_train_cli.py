@@ -27,18 +27,18 @@ def _adapter_options(args) -> dict:
 
 
 def cmd_train(args) -> int:
-    import json
     import os
     import sys
     from pathlib import Path
 
+    from ouroboros_train.run_folder import DiskFull, read_json
     from ouroboros_train.train import TrainConfig, TrainingDiverged, train
 
     if args.resume:
         stored = Path(args.out) / "config.json"
         if not stored.is_file():
             raise FileNotFoundError(f"nothing to resume: {stored} does not exist")
-        cfg = TrainConfig.from_json(json.loads(stored.read_text()))
+        cfg = TrainConfig.from_json(read_json(stored))
         cfg.out = args.out  # the folder given now, also when the run was moved or copied
         if args.threads:  # a runtime setting, not a training one: a run may continue on another machine
             cfg.threads = args.threads
@@ -82,7 +82,7 @@ def cmd_train(args) -> int:
         )
     try:
         result = train(cfg, overwrite=args.overwrite, resume=args.resume)
-    except TrainingDiverged as exc:
+    except (TrainingDiverged, DiskFull) as exc:
         print(f"ouroboros train: {exc}", file=sys.stderr)
         return 1
     s = result.summary

@@ -32,6 +32,7 @@ import math
 import os
 import resource
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,8 @@ from ouroboros_plugins.atomic import atomic_dir, write_json, write_jsonl
 from ouroboros_peft.calibration import active_ouroboros, calibrate_step_norms
 
 from .callback import OuroborosCallback, TrainingDiverged, depth_at
+from .run_folder import (DiskFull, checkpoint_problem, checkpoints, is_disk_full, last_checkpoint, read_json, read_log,
+                         resume_checkpoint)
 
 __all__ = [
     "TrainConfig",
@@ -361,22 +364,6 @@ class SequenceWindows(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------------
 
 
-def read_log(run_dir) -> list:
-    path = Path(run_dir) / "log.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def last_checkpoint(run_dir) -> Optional[Path]:
-    """The newest Trainer checkpoint of a run (RUN/checkpoints/checkpoint-K with its trainer_state.json), or None."""
-    folder = Path(run_dir) / "checkpoints"
-    if not folder.is_dir():
-        return None
-    done = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
-
-
 def _save_adapter(model, out: Path) -> None:
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp))
@@ -388,7 +375,7 @@ def _prepare_run_dir(cfg: TrainConfig, overwrite: bool, resume: bool) -> Path:
     if resume:
         if not (run / "config.json").is_file():
             raise FileNotFoundError(f"nothing to resume: {run} has no config.json")
-        stored = TrainConfig.from_json(json.loads((run / "config.json").read_text()))
+        stored = TrainConfig.from_json(read_json(run / "config.json"))
         diffs = [
             f"{f.name}: run has {getattr(stored, f.name)!r}, asked {getattr(cfg, f.name)!r}"
             for f in dataclasses.fields(TrainConfig)
@@ -410,7 +397,7 @@ def _prepare_run_dir(cfg: TrainConfig, overwrite: bool, resume: bool) -> Path:
     return run
 
 
-def _start_run_dir(cfg: TrainConfig, run: Path, resume: bool, checkpoint: Optional[Path]) -> None:
+def _start_run_dir(cfg: TrainConfig, run: Path, resume: bool, update: int) -> None:
     """Rank 0 only: a fresh folder with config.json and an empty log, or (resuming) the log cut back to the
     checkpoint's update (to nothing when the run stopped before its first checkpoint)."""
     if not resume:
@@ -420,8 +407,8 @@ def _start_run_dir(cfg: TrainConfig, run: Path, resume: bool, checkpoint: Option
         write_json(run / "config.json", cfg.to_json(), sort_keys=True)
         write_jsonl(run / "log.jsonl", [])
         return
-    update = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
-    write_jsonl(run / "log.jsonl", [r for r in read_log(run) if r["update"] <= update], sort_keys=True)
+    rows = read_log(run, torn_tail=lambda note: print(f"ouroboros train: {note}", file=sys.stderr))
+    write_jsonl(run / "log.jsonl", [r for r in rows if r["update"] <= update], sort_keys=True)
 
 
 def peak_rss_mb() -> float:
@@ -600,10 +587,17 @@ def train(
     is_main = args.process_index == 0
     # -- everything that can fail on bad input happens before the run folder is touched -----------
     model, stream, heldout = _build(cfg, base_model, tokenizer)
-    checkpoint = last_checkpoint(run) if resume else None
+    from peft import get_peft_model_state_dict
+
+    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}  # what a checkpoint must hold
+    checkpoint, start_update = None, None
+    if resume:
+        report = (lambda note: print(f"ouroboros train: {note}", file=sys.stderr)) if is_main else (lambda note: None)
+        checkpoint = resume_checkpoint(run, expected, report)
+        start_update = read_json(checkpoint / "trainer_state.json")["global_step"] if checkpoint else 0
     _barrier()  # every process has checked the folder before rank 0 changes it
     if is_main:
-        _start_run_dir(cfg, run, resume, checkpoint)
+        _start_run_dir(cfg, run, resume, start_update or 0)
     if cfg.pure_bf16:
         model.to(torch.bfloat16)
     elif any(p.dtype != torch.float32 for p in model.parameters() if p.requires_grad):
@@ -619,14 +613,20 @@ def train(
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-    start_update = None
-    if resume:
-        start_update = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
     # wall time of the updates kept from earlier calls (their logged step times), plus this call's
     elapsed_before = sum(r.get("step_s") or 0.0 for r in read_log(run) if r["kind"] == "train" and r["update"] <= (start_update or 0))
     t0 = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        intact = next((c for c in checkpoints(run) if checkpoint_problem(c, expected) is None), None)
+        last = f"{intact} (update {read_json(intact / 'trainer_state.json')['global_step']})" if intact else "none"
+        raise DiskFull(
+            f"disk full while writing to {run} ({getattr(exc, 'filename', None) or exc}); the last intact checkpoint is "
+            f"{last}. Free space, then --resume"
+        ) from exc
     finally:
         ouroboros.restore_depth(model)  # also when training stopped early
     wall_s = elapsed_before + time.perf_counter() - t0
