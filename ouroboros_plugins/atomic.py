@@ -69,32 +69,97 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict], *, sort_keys: 
     return count
 
 
+# renameat2(2) flag: swap two paths in one step (Linux >= 3.15 with glibc >= 2.28); None where unavailable
+RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap the paths `a` and `b` (both must exist). False when the system cannot (then nothing moved)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL / ENOSYS / EOPNOTSUPP: this kernel or filesystem cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_leftovers(path: str | os.PathLike) -> list[str]:
+    """Tidy what a killed `atomic_dir` left beside `path` (its writer's process is gone): a destination moved aside
+    but never replaced is put back, temporary folders are removed. Returns what was done, one line each."""
+    path = Path(path)
+    done = []
+    if not path.parent.is_dir():
+        return done
+    for entry in sorted(path.parent.iterdir()):
+        name = entry.name
+        prefix = f".{path.name}."
+        if not name.startswith(prefix):
+            continue
+        rest = name[len(prefix):]
+        pid_text = rest.split("-", 2)[1] if rest.startswith("old-") else rest.split("-", 1)[0]
+        if not pid_text.isdigit() or _pid_alive(int(pid_text)) and int(pid_text) != os.getpid():
+            continue  # not ours, or its writer is still running
+        if rest.startswith("old-") and not (path.exists() or path.is_symlink()):
+            entry.rename(path)
+            done.append(f"restored {path} from {entry.name} (an earlier replacement was interrupted)")
+        elif rest.endswith(".tmp") or rest.startswith("old-"):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            done.append(f"removed {entry} (left by an interrupted write)")
+    return done
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, mode: int = 0o755) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `path`; when the block ends without an error it takes `path`'s place.
 
-    Replacing an existing `path` moves it aside, renames the new folder in, then deletes the old one; if the rename
-    fails the old folder is put back.
+    Replacing an existing `path` swaps the two folders in one step (`renameat2` RENAME_EXCHANGE), so `path` is
+    always either the old or the new folder, then deletes the old one. Where the system cannot swap, the old folder
+    is moved aside and the new one renamed in (`path` is missing between the two renames). Either way, leftovers of
+    a writer that was killed (temporary folders, a folder moved aside) are tidied the next time: see
+    `recover_leftovers`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    recover_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent))
     old = None
     try:
         yield tmp
         os.chmod(tmp, mode)  # mkdtemp makes it private to the owner
-        if path.exists() or path.is_symlink():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-            path.rename(old)
-        try:
-            tmp.rename(path)
-        except BaseException:
-            if old is not None:
-                old.rename(path)
-                old = None
-            raise
+        if path.is_dir() and not path.is_symlink() and _exchange(tmp, path):
+            old = tmp  # the swap put the previous folder at the temporary name
+        else:
+            if path.exists() or path.is_symlink():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+                path.rename(old)
+            try:
+                tmp.rename(path)
+            except BaseException:
+                if old is not None:
+                    old.rename(path)
+                    old = None
+                raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     if old is not None:
         if old.is_dir() and not old.is_symlink():

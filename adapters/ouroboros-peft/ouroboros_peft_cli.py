@@ -21,5 +21,6 @@ def ouroboros_register_commands(subparsers):
     p.add_argument("--adapter", required=True, help="Ouroboros adapter directory (save_pretrained output)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    p.add_argument("--dtype", default=None, help="load/export dtype (default: the base checkpoint's)")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="load/export dtype (default: the base checkpoint's)")
     p.set_defaults(func=cmd_export)

@@ -1,7 +1,8 @@
 """`ouroboros export`: base model + Ouroboros adapter -> one standalone checkpoint directory.
 
-Everything is checked before any work starts, the checkpoint is written to a temporary directory beside
-OUT_DIR and renamed into place at the end, so a failed export leaves nothing half-written.
+Everything is checked before any work starts (OUT may not be, lie inside or contain an input folder; the dtype is
+one of `DTYPES`), the checkpoint is written to a temporary directory beside OUT_DIR and swapped into place at the
+end (`atomic_dir`), so a failed or killed export leaves OUT as it was, and never destroys an input.
 """
 
 from __future__ import annotations
@@ -19,7 +20,27 @@ from .modeling import ARCHITECTURE, SPEC_FIELDS, OuroborosLMConfig
 DROP_KEYS = ("architectures", "model_type", "_name_or_path", "transformers_version", "auto_map", "num_hidden_layers", "layer_types")
 
 
-def check_inputs(base_dir: Path, adapter_dir: Path, out_dir: Path, overwrite: bool) -> dict:
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_out_dir(out_dir: Path, inputs: dict) -> None:
+    """OUT must not be, lie inside, or contain an input folder: replacing it (--overwrite) would destroy that input."""
+    out = out_dir.resolve()
+    for what, folder in inputs.items():
+        src = folder.resolve()
+        if out == src or src in out.parents or out in src.parents:
+            relation = "is" if out == src else ("lies inside" if src in out.parents else "contains")
+            raise ValueError(f"--out {out_dir} {relation} the {what} folder {folder}; export to a separate folder")
+
+
+def check_dtype(dtype) -> None:
+    if dtype is not None and str(dtype).removeprefix("torch.") not in DTYPES:
+        raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
+
+
+def check_inputs(base_dir: Path, adapter_dir: Path, out_dir: Path, overwrite: bool, dtype=None) -> dict:
+    check_dtype(dtype)
+    check_out_dir(out_dir, {"base model": base_dir, "adapter": adapter_dir})
     if not (base_dir / "config.json").is_file():
         raise FileNotFoundError(f"base model directory {base_dir} has no config.json")
     cfg_path = adapter_dir / "adapter_config.json"
@@ -82,7 +103,7 @@ def export(base_dir, adapter_dir, out_dir, overwrite: bool = False, dtype=None) 
     import ouroboros_peft  # noqa: F401  (registers the PEFT type)
 
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
-    check_inputs(base_dir, adapter_dir, out_dir, overwrite)
+    check_inputs(base_dir, adapter_dir, out_dir, overwrite, dtype)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype or "auto")
     peft_model = PeftModel.from_pretrained(base, adapter_dir)  # refuses an adapter made for another base
     tensors, base_config, spec, plan = exported_state_dict(peft_model)
