@@ -42,6 +42,9 @@ class OuroborosConfig(PeftConfig, OuroborosSpec):
         path = os.path.join(pretrained_model_name_or_path, subfolder or "")
         if os.path.isdir(path):
             check_weights_file(os.path.join(path, WEIGHTS_NAME))
+            # not a dataclass field (never saved): lets injection check every tensor against the adapter it builds,
+            # before the model is changed
+            config.weights_file = os.path.join(path, WEIGHTS_NAME)
         return config
 
 
@@ -56,3 +59,36 @@ def check_weights_file(path: str) -> None:
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise ValueError(f"{path} is corrupt or truncated and was not loaded: {exc}") from exc
 
+
+
+def check_adapter_weights(path: str, adapter) -> None:
+    """Every tensor of the adapter weights file at `path` against the adapter built from its config (names, shapes,
+    finite values), so a mismatch is refused before the model is touched. Raises ValueError naming the file, the
+    tensors and, for shape mismatches, the config fields that set them."""
+    from safetensors import safe_open
+
+    marker = ".ouroboros_adapter."
+    expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
+    found, problems = {}, []
+    with safe_open(path, framework="pt") as f:
+        for key in f.keys():
+            if marker not in key:
+                problems.append(f"unexpected tensor {key}")
+                continue
+            found[key.split(marker, 1)[1]] = key
+        for name, key in found.items():
+            if name not in expected:
+                problems.append(f"unexpected tensor {key}")
+                continue
+            tensor = f.get_tensor(key)
+            if tuple(tensor.shape) != expected[name]:
+                problems.append(f"{name} has shape {tuple(tensor.shape)}, the adapter config needs {expected[name]}")
+            elif tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+                problems.append(f"{name} holds NaN or inf values")
+    problems += [f"missing tensor {name}" for name in sorted(set(expected) - set(found))]
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise ValueError(
+            f"{path} does not match its adapter_config.json (num_steps / max_steps, r, target_modules, modulation, "
+            f"use_gate, coda_lora_r set the shapes): {shown}. Nothing was loaded; the model is unchanged"
+        )

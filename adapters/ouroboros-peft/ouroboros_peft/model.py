@@ -7,6 +7,7 @@ from peft.tuners.tuners_utils import BaseTuner
 
 from ouroboros_plugins import build_adapter, check_fingerprint, find_backbone, fingerprint, plan_for
 
+from .config import check_adapter_weights
 from .layer import OuroborosDecoder
 from .registration import PREFIX
 from .runtime import check_generation
@@ -47,7 +48,10 @@ class OuroborosModel(BaseTuner):
             check_fingerprint(config.base_fingerprint, actual)
         else:
             config.base_fingerprint = actual
-        adapter, plan = build_adapter(backbone, model.config, decoder, config)
+        weights_file = getattr(config, "weights_file", None)  # set when loading a saved adapter: its bases come from it
+        adapter, plan = build_adapter(backbone, model.config, decoder, config, compute_bases=weights_file is None)
+        if weights_file is not None:
+            check_adapter_weights(weights_file, adapter)
         if not isinstance(wrapper, OuroborosDecoder):
             wrapper = OuroborosDecoder(decoder, backbone)
             setattr(parent, attr, wrapper)
