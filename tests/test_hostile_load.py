@@ -103,3 +103,89 @@ def test_the_intact_file_still_loads_exactly(saved):
     adapter = model.base_model.model.model.ouroboros_adapter["default"]
     for name, value in adapter.state_dict().items():
         assert torch.equal(value, saved_tensors[PREFIX + name]), name  # bases too: loaded, not recomputed
+
+
+# ----------------------------------------------------------------------------------------------------
+# the base fingerprint: every kept weight, the rotary settings; no false alarm for bf16 / fp16 loads
+# ----------------------------------------------------------------------------------------------------
+
+
+def changed(part):
+    """A tiny Llama equal to the adapter's base except for one kept part (1 prelude layer, layer 3 recurrent,
+    1 coda layer of 6)."""
+    def make():
+        model = tiny_model("llama")
+        with torch.no_grad():
+            target = {"prelude layer": model.model.layers[0].mlp.down_proj.weight,
+                      "coda layer": model.model.layers[5].self_attn.o_proj.weight,
+                      "recurrent input_layernorm": model.model.layers[3].input_layernorm.weight,
+                      "embed_tokens": model.model.embed_tokens.weight,
+                      "lm_head": model.lm_head.weight,
+                      "final norm": model.model.norm.weight}[part]
+            target.mul_(1.5)
+        return model
+    return make
+
+
+def rope_theta():
+    model = tiny_model("llama", rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    return model
+
+
+OTHER_BASES = {
+    "prelude layer": (changed("prelude layer"), "weights of layers.0 differ"),
+    "coda layer": (changed("coda layer"), "weights of layers.5 differ"),
+    "recurrent input_layernorm": (changed("recurrent input_layernorm"), "weights of layers.3 differ"),
+    "embed_tokens": (changed("embed_tokens"), "weights of embed_tokens differ"),
+    "lm_head": (changed("lm_head"), "weights of lm_head differ"),
+    "final norm": (changed("final norm"), "weights of norm differ"),
+    "rope_theta": (rope_theta, "rope_parameters: adapter has"),
+}
+
+
+@pytest.fixture(scope="module")
+def plain_saved(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("plain")
+    randomize_adapter(get_peft_model(tiny_model("llama"), ouro_config(num_steps=3, r=8))).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("case", list(OTHER_BASES))
+def test_an_adapter_is_refused_on_a_base_that_differs_in_any_kept_part(plain_saved, case):
+    make, message = OTHER_BASES[case]
+    model = make()
+    with pytest.raises(ValueError, match=rf"different base model: .*{message}"):
+        PeftModel.from_pretrained(model, plain_saved)
+    assert type(model.model).__name__ == "LlamaModel"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_right_base_in_half_precision_is_accepted(plain_saved, dtype):
+    model = PeftModel.from_pretrained(tiny_model("llama", dtype=dtype), plain_saved)  # no false "different base model"
+    assert model.base_model.model.model.active_ouroboros() == "default"
+
+
+@pytest.mark.parametrize("value", [None, {}, "config fields only"])
+def test_the_base_check_cannot_be_switched_off_by_editing_the_file(plain_saved, tmp_path, value):
+    folder = tmp_path / "adapter"
+    shutil.copytree(plain_saved, folder)
+    if value == "config fields only":
+        fp = json.loads((folder / "adapter_config.json").read_text())["base_fingerprint"]
+        value = {k: v for k, v in fp.items() if k not in ("weights", "recurrent_layer_sha256")}
+    edit_config(base_fingerprint=value)(folder)
+    model = tiny_model("llama", seed=5)  # another base altogether
+    with pytest.raises(ValueError, match="has no base_fingerprint"):
+        PeftModel.from_pretrained(model, folder)
+    assert type(model.model).__name__ == "LlamaModel"
+
+
+def test_an_older_adapter_keeps_its_recurrent_layer_hash_check(plain_saved, tmp_path):
+    """Adapters saved before weight signatures existed carry only the recurrent layer's hash: still checked."""
+    folder = tmp_path / "adapter"
+    shutil.copytree(plain_saved, folder)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg["base_fingerprint"] = {k: v for k, v in cfg["base_fingerprint"].items() if k != "weights"}
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    PeftModel.from_pretrained(tiny_model("llama"), folder)  # the right base
+    with pytest.raises(ValueError, match="recurrent_layer_sha256"):
+        PeftModel.from_pretrained(tiny_model("llama", seed=5), folder)

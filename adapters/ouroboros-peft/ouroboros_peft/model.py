@@ -3,6 +3,8 @@ plus wrapping the decoder in `OuroborosDecoder`. The base model's own weights ar
 
 from __future__ import annotations
 
+import os
+
 from peft.tuners.tuners_utils import BaseTuner
 
 from ouroboros_plugins import build_adapter, check_fingerprint, find_backbone, fingerprint, plan_for
@@ -43,12 +45,21 @@ class OuroborosModel(BaseTuner):
         wrapper = getattr(parent, attr)
         decoder = wrapper.base_layer if isinstance(wrapper, OuroborosDecoder) else wrapper
         plan = plan_for(backbone, model.config, decoder, config)
-        actual = fingerprint(backbone, model.config, decoder, plan)
-        if config.base_fingerprint is not None:
-            check_fingerprint(config.base_fingerprint, actual)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        actual = fingerprint(backbone, model.config, decoder, plan, head)
+        weights_file = getattr(config, "weights_file", None)  # set when loading a saved adapter: its bases come from it
+        expected = config.base_fingerprint
+        if weights_file is not None and not (expected and (expected.get("weights") or expected.get("recurrent_layer_sha256"))):
+            # every saved adapter has one, with weight signatures (or, saved before them, a layer hash): an edited file
+            raise ValueError(
+                f"{os.path.dirname(weights_file)}/adapter_config.json has no base_fingerprint with weight signatures, so "
+                "nothing says which base model the adapter belongs to; refusing to load it (restore the field from the "
+                "original file)"
+            )
+        if expected:
+            check_fingerprint(expected, actual)
         else:
             config.base_fingerprint = actual
-        weights_file = getattr(config, "weights_file", None)  # set when loading a saved adapter: its bases come from it
         adapter, plan = build_adapter(backbone, model.config, decoder, config, compute_bases=weights_file is None)
         if weights_file is not None:
             check_adapter_weights(weights_file, adapter)
