@@ -20,7 +20,11 @@ ProjFn = Callable[[str, nn.Linear, torch.Tensor], torch.Tensor]
 
 
 def plain_proj(name: str, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return module(x)
+    """The frozen projection. Its input is cast to the weight's dtype and the output back to the input's, so a
+    layer can run its residual stream in fp32 on a half-precision model (the recurrence does)."""
+    if x.dtype == module.weight.dtype:
+        return module(x)
+    return module(x.to(module.weight.dtype)).to(x.dtype)
 
 
 @dataclass

@@ -79,6 +79,10 @@ class CodaLoRA(nn.Module):
         return proj
 
 
+# dtype of the residual stream through the recurrence (None: the model's own dtype, the behaviour before; kept for
+# the comparison in tests/test_hostile_numerics.py and evals/bf16_agreement.py)
+RECURRENCE_DTYPE: Optional[torch.dtype] = torch.float32
+
 # hook(adapter, step, u, h): see OuroborosAdapter.register_step_hook
 StepHook = Callable[["OuroborosAdapter", int, torch.Tensor, torch.Tensor], None]
 
@@ -226,8 +230,13 @@ def run(
         return adapter.update(u, h, t)
 
     use_checkpoint = gradient_checkpointing and torch.is_grad_enabled() and cache is None
+    # The recurrence keeps its residual stream in fp32 whatever the model's dtype: one layer applied N times
+    # accumulates rounding (bf16) and its sums can overflow (fp16); the frozen matmuls still run in the weights' dtype.
+    stream_dtype = h.dtype
+    h = h.to(RECURRENCE_DTYPE or stream_dtype)
     for t in range(plan.num_steps):
         h = checkpoint(partial(step, t), h, use_reentrant=False) if use_checkpoint else step(t, h)
+    h = h.to(stream_dtype)
 
     for k, index in enumerate(plan.coda):
         proj = adapter.coda_projector(k)

@@ -239,7 +239,7 @@ BAD = {
     "peft-not-adapter": ("pretrained={base},peft={root}/empty", ["is not an adapter directory"]),
     "peft-lora": ("pretrained={base},peft={root}/lora", ["not an Ouroboros adapter", "LORA", "--model hf"]),
     "peft-other-family": ("pretrained={root}/qwen,peft={adapter}", ["different base model", "model_type"]),
-    "peft-other-weights": ("pretrained={root}/other,peft={adapter}", ["different base model", "recurrent_layer_sha256"]),
+    "peft-other-weights": ("pretrained={root}/other,peft={adapter}", ["different base model", "weights of layers."]),
     "peft-on-exported": ("pretrained={exported},peft={adapter}", ["already an exported Ouroboros checkpoint"]),
     "steps-on-base": ("pretrained={base},num_steps=2", ["only applies to Ouroboros"]),
     "steps-too-deep": ("pretrained={exported},num_steps=5", ["max_steps=4"]),

@@ -40,7 +40,7 @@ PASSTHROUGH_ARGS = (
 )
 OWN_ARGS = ("pretrained", "peft", "num_steps", "dtype", "batch_size", "max_batch_size", "device")
 ACCEPTED_ARGS = OWN_ARGS + PASSTHROUGH_ARGS
-# Compared before loading (the core's fingerprint fields); the recurrent layer's weight hash is compared by the
+# Compared before loading (the core's fingerprint fields); the weight signatures are compared by the
 # PEFT load itself.
 CONFIG_FINGERPRINT_FIELDS = FINGERPRINT_FIELDS
 

@@ -58,6 +58,8 @@ class OuroborosModel(BaseTuner):
             )
         if expected:
             check_fingerprint(expected, actual)
+            if not expected.get("weights"):  # saved before weight signatures: passed the older check, now upgraded
+                config.base_fingerprint = actual
         else:
             config.base_fingerprint = actual
         adapter, plan = build_adapter(backbone, model.config, decoder, config, compute_bases=weights_file is None)
