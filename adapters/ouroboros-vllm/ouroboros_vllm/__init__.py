@@ -34,10 +34,12 @@ def register() -> None:
 
 
 def _register_config_check() -> None:
-    """Have vLLM run `ouroboros_vllm.checkpoint.verify_model_config` while it builds the ModelConfig, in the
-    process that starts the engine: a bad checkpoint is refused there, with its own message, before the
-    engine process is spawned. (vLLM's per-architecture config hooks are an internal table; if it moves, the
-    same checks still run when the model loads, only reported through the engine's log.)"""
+    """Have vLLM run `ouroboros_vllm.checkpoint.verify_model_config` while it builds the ModelConfig, and
+    `verify_parallel` while it builds the VllmConfig, in the process that starts the engine: a bad checkpoint or
+    an unservable parallel layout (pipeline parallel, a tensor_parallel_size that does not divide the heads) is
+    refused there, with its own message, before the engine process is spawned. (vLLM's per-architecture config
+    hooks are an internal table; if it moves, the checkpoint checks still run when the model loads, only
+    reported through the engine's log, and pipeline parallel is still refused there.)"""
     try:
         from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
     except ImportError:  # pragma: no cover - depends on the vLLM version
@@ -52,5 +54,11 @@ def _register_config_check() -> None:
             from .checkpoint import verify_model_config
 
             verify_model_config(model_config)
+
+        @staticmethod
+        def verify_and_update_config(vllm_config) -> None:
+            from .checkpoint import verify_parallel
+
+            verify_parallel(vllm_config)
 
     MODELS_CONFIG_MAP[ARCHITECTURE] = OuroborosConfigCheck

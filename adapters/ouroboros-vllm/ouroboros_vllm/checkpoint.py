@@ -100,6 +100,41 @@ def verify_model_config(model_config) -> None:
     prefer_eager_on_cpu(model_config)
 
 
+def verify_parallel(vllm_config) -> None:
+    """vLLM's VllmConfig hook (runs before vLLM's own parallel checks and before any engine or worker process):
+    refuse the parallel layouts the model cannot be served with, naming the setting.
+    - pipeline_parallel_size > 1: not supported (the recurrence runs one layer N times with per-step KV slots and
+      the causal_mean statistic in one stage; splitting it across stages is not implemented).
+    - tensor_parallel_size must divide the attention heads and the MLP width, and the KV heads must split or
+      replicate evenly (vLLM's QKVParallelLinear); the low-rank factors are then sliced the same way."""
+    parallel = vllm_config.parallel_config
+    config = vllm_config.model_config.hf_config
+    pp = parallel.pipeline_parallel_size
+    if pp != 1:
+        raise ValueError(
+            f"pipeline_parallel_size={pp} (--pipeline-parallel-size) is not supported by ouroboros-vllm: serve with "
+            "pipeline_parallel_size=1 and spread the model with --tensor-parallel-size instead"
+        )
+    tp = parallel.tensor_parallel_size
+    if tp == 1:
+        return
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    problems = []
+    if heads % tp:
+        problems.append(f"num_attention_heads={heads}")
+    if kv_heads % tp and tp % kv_heads:
+        problems.append(f"num_key_value_heads={kv_heads} (must be a multiple or a divisor of it)")
+    if config.intermediate_size % tp:
+        problems.append(f"intermediate_size={config.intermediate_size}")
+    if problems:
+        raise ValueError(
+            f"tensor_parallel_size={tp} (--tensor-parallel-size) does not divide this checkpoint's "
+            + ", ".join(problems)
+            + f"; choose a tensor_parallel_size that divides num_attention_heads={heads}"
+        )
+
+
 def prefer_eager_on_cpu(model_config) -> None:
     """The Ouroboros model is not torch.compile'd (its forward is plain eager code around vLLM's layers), so
     on CPU vLLM's compile warm-up (a full max_num_batched_tokens dummy batch) buys nothing and costs ~50 s of

@@ -28,6 +28,12 @@ added to their slice (`_with_deltas`). The step is written out with the layer's 
 calling the layer (`layer_forward`): the layer's forward passes its input on as the residual, which vLLM's
 fused add+RMSNorm overwrites in place (on GPU), and the gate still needs h_t. Nothing here writes into h_t.
 A coda with a LoRA runs through the same `layer_forward`; a plain coda is vLLM's own layer call.
+
+Tensor parallel (tensor_parallel_size = W): vLLM's layers hold their rank's shard; the Ouroboros adapter is
+built with this rank's projection shapes (`TPLayout`) and its low-rank factors are sliced at load the way vLLM
+slices the weight they modulate (B rows for q/k/v/gate/up, A columns for o_proj/down_proj); `_with_deltas`
+all-reduces the row-parallel z. Controller, static table, step norms and gate read the full hidden state,
+which every rank holds: they are replicated. Pipeline parallel is refused (front end: `checkpoint.verify_parallel`).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import torch
 from torch import nn
 
 from vllm.config import VllmConfig
-from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.distributed import get_pp_group, tensor_model_parallel_all_reduce
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
@@ -64,6 +70,11 @@ STACKED = {
     "up_proj": ("gate_up_proj", 1),
 }
 SHARDS = {"qkv_proj": ("q", "k", "v"), "gate_up_proj": (0, 1)}
+# Tensor parallelism, per projection: vLLM shards the output dim of the column-parallel ones (qkv, gate_up) and
+# the input dim of the row-parallel ones (o_proj, down_proj). The low-rank factors follow: column-parallel ->
+# A [r, d_in] replicated, B [d_out, r] row-sliced to this rank's output shard; row-parallel -> A column-sliced
+# to this rank's input shard, B replicated, and z = x_shard A_shard^T summed over the TP group before m and B.
+ROW_PARALLEL = ("o_proj", "down_proj")
 
 
 def decoder_layer(base_model_type: str, vllm_config: VllmConfig, prefix: str) -> nn.Module:
@@ -79,6 +90,48 @@ def decoder_layer(base_model_type: str, vllm_config: VllmConfig, prefix: str) ->
 
         return LlamaDecoderLayer(vllm_config=vllm_config, prefix=prefix, config=config)
     raise ValueError(f"base_model_type={base_model_type!r} is not supported (llama, qwen2)")
+
+
+class TPLayout:
+    """This rank's share of each target projection, read off the recurrent layer's own vLLM modules (so it
+    slices exactly as vLLM's weight loaders do, GQA KV-head replication included).
+    `slices[(proj, "A"|"B")] = (dim, start, size, full)`: the rank's part of a checkpoint factor is
+    `tensor.narrow(dim, start, size)`; `full` is the checkpoint's size along dim. Identity at W = 1."""
+
+    def __init__(self, layer: nn.Module, hidden: int, intermediate: int):
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv, gate_up = attn.qkv_proj, mlp.gate_up_proj
+        self.tp_rank, self.tp_size = qkv.tp_rank, qkv.tp_size
+        q, kv = attn.q_size, attn.kv_size  # per rank
+        kv_rank = qkv.tp_rank // qkv.num_kv_head_replicas  # ranks sharing a replicated KV head read the same rows
+        inter = intermediate // self.tp_size
+        total_kv = qkv.total_num_kv_heads * qkv.head_size  # kv_size of the whole model
+        column = {
+            "q_proj": (q * self.tp_rank, q, q * self.tp_size),
+            "k_proj": (kv * kv_rank, kv, total_kv),
+            "v_proj": (kv * kv_rank, kv, total_kv),
+            "gate_proj": (inter * gate_up.tp_rank, inter, intermediate),
+            "up_proj": (inter * gate_up.tp_rank, inter, intermediate),
+        }
+        row = {
+            "o_proj": (q * attn.o_proj.tp_rank, q, q * self.tp_size),
+            "down_proj": (inter * mlp.down_proj.tp_rank, inter, intermediate),
+        }
+        self.slices = {(name, "B"): (0, *spec) for name, spec in column.items()}
+        self.slices.update({(name, "A"): (1, *spec) for name, spec in row.items()})
+        self.shapes = {name: (size, hidden) for name, (_, size, _) in column.items()}  # [d_out, d_in] per rank
+        self.shapes.update({name: (hidden, size) for name, (_, size, _) in row.items()})
+
+    def shard(self, proj: str, factor: str, tensor: torch.Tensor):
+        """This rank's part of checkpoint factor `proj`_`factor`, or None when its size along the sharded dim is
+        not the model's (the caller reports a wrong shape)."""
+        rule = self.slices.get((proj, factor))
+        if rule is None:
+            return tensor
+        dim, start, size, full = rule
+        if tensor.dim() != 2 or tensor.shape[dim] != full:
+            return None
+        return tensor.narrow(dim, start, size)
 
 
 class StepSlot(nn.Module):
@@ -141,8 +194,8 @@ class OuroborosModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
-        if get_tensor_model_parallel_world_size() != 1 or get_pp_group().world_size != 1:
-            raise ValueError("ouroboros-vllm supports tensor_parallel_size=1 and pipeline_parallel_size=1 only")
+        if get_pp_group().world_size != 1:  # normally refused in the front end (checkpoint.verify_parallel)
+            raise ValueError("ouroboros-vllm does not support pipeline parallelism: serve with pipeline_parallel_size=1")
         self.spec = spec = spec_from_config(config)
         self.config = config
         p, n, c = spec.num_prelude_layers, spec.num_steps, spec.num_coda_layers
@@ -164,16 +217,9 @@ class OuroborosModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-        rec = self.layers[p]
-        shapes = {
-            "q_proj": (rec.self_attn.q_size, config.hidden_size),
-            "k_proj": (rec.self_attn.kv_size, config.hidden_size),
-            "v_proj": (rec.self_attn.kv_size, config.hidden_size),
-            "o_proj": (config.hidden_size, rec.self_attn.q_size),
-            "gate_proj": (config.intermediate_size, config.hidden_size),
-            "up_proj": (config.intermediate_size, config.hidden_size),
-            "down_proj": (config.hidden_size, config.intermediate_size),
-        }
+        self.tp = TPLayout(self.layers[p], config.hidden_size, config.intermediate_size)
+        self.row_reduce = True  # False only in the TP test's negative control (a deliberately wrong model)
+        shapes = self.tp.shapes  # this rank's [d_out, d_in]: the adapter's bases and coda LoRA are built sharded
         device = torch.empty(()).device  # vLLM builds the model under its target device
         previous = torch.get_default_dtype()
         torch.set_default_dtype(torch.float32)  # Ouroboros state is fp32 whatever the model dtype (as in HF)
@@ -202,6 +248,15 @@ class OuroborosModel(nn.Module):
             return f"layers.{index}.{rest}"
         return name
 
+    def adapter_part(self, ckpt_name: str, tensor: torch.Tensor):
+        """This rank's part of an `ouroboros.` checkpoint tensor: the low-rank factors of the recurrent bases and
+        of the coda LoRA are sliced like the projection they modulate (`TPLayout`); everything else (controller,
+        static table, norms, gate) is replicated. None when a sharded factor has the wrong size."""
+        leaf = ckpt_name.rsplit(".", 1)[-1]
+        if ckpt_name.startswith(("ouroboros.bases.", "ouroboros.coda_lora.")) and leaf[-2:] in ("_A", "_B"):
+            return self.tp.shard(leaf[:-2], leaf[-1], tensor)
+        return tensor
+
     # -- forward ---------------------------------------------------------------------------------
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -224,12 +279,15 @@ class OuroborosModel(nn.Module):
         layer = self.ouroboros.coda_lora.layers[k]
         return {name: (getattr(layer, f"{name}_A"), getattr(layer, f"{name}_B"), None) for name in PROJECTIONS}
 
-    def _with_deltas(self, y: torch.Tensor, x: torch.Tensor, names: tuple, sizes: list, lora: dict, scale: float) -> torch.Tensor:
-        """y = fused projection output [T, sum(sizes)]; add scale * B (m * A x) (fp32, m = 1 when None) to the
-        slice of each projection in `lora` (name -> (A, B, m))."""
+    def _with_deltas(self, y: torch.Tensor, x: torch.Tensor, names: tuple, lora: dict, scale: float) -> torch.Tensor:
+        """The one place for "projection + low-rank delta". y = the (fused) projection's output on this rank
+        [T, sum of its parts], x its input; add scale * B (m * A x) (fp32, m = 1 when None) to the slice of each
+        projection in `lora` (name -> (A, B, m), this rank's factors). Row-parallel projections see only this
+        rank's slice of x, so z = x A^T is a partial sum: summed over the TP group first (y itself is already
+        all-reduced by vLLM's RowParallelLinear, so the delta is added to the full output on every rank)."""
         if not any(name in lora for name in names):
             return y
-        parts = list(y.split(sizes, dim=-1))
+        parts = list(y.split([self.tp.shapes[name][0] for name in names], dim=-1))
         xf = None
         for i, name in enumerate(names):
             if name not in lora:
@@ -238,6 +296,8 @@ class OuroborosModel(nn.Module):
             if xf is None:
                 xf = x.to(a.dtype)
             z = xf @ a.t()  # [T, r]
+            if name in ROW_PARALLEL and self.tp.tp_size > 1 and self.row_reduce:
+                z = tensor_model_parallel_all_reduce(z)
             delta = (z if m is None else z * m) @ b.t()
             parts[i] = parts[i] + (scale * delta).to(y.dtype)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
@@ -250,20 +310,19 @@ class OuroborosModel(nn.Module):
         attn, mlp = layer.self_attn, layer.mlp
         x = layer.input_layernorm(h)  # no residual argument: returns a new tensor
         qkv, _ = attn.qkv_proj(x)
-        qkv = self._with_deltas(qkv, x, QKV, [attn.q_size, attn.kv_size, attn.kv_size], lora, scale)
+        qkv = self._with_deltas(qkv, x, QKV, lora, scale)
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         q, k = attn.rotary_emb(positions, q, k)
         o = kv(q, k, v)
         out, _ = attn.o_proj(o)
-        mid = h + self._with_deltas(out, o, ("o_proj",), [out.shape[-1]], lora, scale)
+        mid = h + self._with_deltas(out, o, ("o_proj",), lora, scale)
 
         x = layer.post_attention_layernorm(mid)
         gate_up, _ = mlp.gate_up_proj(x)
-        half = gate_up.shape[-1] // 2
-        gate_up = self._with_deltas(gate_up, x, GATE_UP, [half, half], lora, scale)
+        gate_up = self._with_deltas(gate_up, x, GATE_UP, lora, scale)
         act = mlp.act_fn(gate_up)
         down, _ = mlp.down_proj(act)
-        return mid + self._with_deltas(down, act, ("down_proj",), [down.shape[-1]], lora, scale)
+        return mid + self._with_deltas(down, act, ("down_proj",), lora, scale)
 
     def step(self, t: int, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         lora = self.step_lora(self.modulation(t, h))
@@ -360,10 +419,11 @@ class OuroborosForCausalLM(nn.Module):
             target = targets[name]
             loader = getattr(target, "weight_loader", None)
             if shard is None and loader is None:  # vLLM's own loaders (padded vocab, shards) check their shapes
-                if tuple(target.shape) != tuple(tensor.shape):
-                    wrong.append(f"{ckpt_name} {tuple(tensor.shape)} (expected {tuple(target.shape)})")
+                part = self.model.adapter_part(ckpt_name, tensor)  # this rank's part of a sharded factor
+                if part is None or tuple(target.shape) != tuple(part.shape):
+                    wrong.append(f"{ckpt_name} {tuple(tensor.shape)} (expected {tuple(target.shape)} on this rank)")
                     continue
-                default_weight_loader(target, tensor)
+                default_weight_loader(target, part)
             elif shard is None:
                 loader(target, tensor)
             else:
