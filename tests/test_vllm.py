@@ -432,6 +432,44 @@ def session_processes(sid: int) -> list[int]:
     return found
 
 
+def wait_until_ready(server: subprocess.Popen, url: str, log_path: Path, limit_s: float = 600) -> None:
+    """Wait for `vllm serve` at `url` to answer /health; fail with the end of its log if it exits or takes too long."""
+    deadline = time.time() + limit_s
+    while True:
+        if server.poll() is not None:
+            pytest.fail(f"vllm serve exited with {server.returncode}:\n" + log_path.read_text()[-4000:])
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.time() > deadline:
+            pytest.fail(f"vllm serve did not become ready in {limit_s:.0f} s:\n" + log_path.read_text()[-4000:])
+        time.sleep(2)
+
+
+def stop_server(server: subprocess.Popen) -> list:
+    """Stop `vllm serve` by its PID (vLLM shuts its engine processes down itself); kill whatever of its session is
+    still running after 30 s and return those PIDs (the caller fails on them: nothing may be left running)."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+    deadline = time.time() + 30
+    while session_processes(server.pid) and time.time() < deadline:
+        time.sleep(1)
+    leftover = session_processes(server.pid)
+    for pid in leftover:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return leftover
+
+
 def test_vllm_serve_completions_match_and_stop_cleanly(work):
     path = exported(work, "qwen2", "causal_mean")
     expected = reference(work, "qwen2", "causal_mean")
@@ -452,19 +490,7 @@ def test_vllm_serve_completions_match_and_stop_cleanly(work):
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 600
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"vllm serve exited with {server.returncode}:\n" + (work / "serve.log").read_text()[-4000:])
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail("vllm serve did not become ready in 600 s:\n" + (work / "serve.log").read_text()[-4000:])
-            time.sleep(2)
+        wait_until_ready(server, url, work / "serve.log")
         got = []
         for ids in prompts():
             body = dict(model=str(path), prompt=ids, max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, return_token_ids=True)
@@ -472,21 +498,7 @@ def test_vllm_serve_completions_match_and_stop_cleanly(work):
             with urllib.request.urlopen(req, timeout=120) as r:
                 got.append(json.load(r)["choices"][0]["token_ids"])
     finally:
-        server.send_signal(signal.SIGTERM)  # stop by PID; vLLM shuts its engine processes down itself
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        deadline = time.time() + 30
-        while session_processes(server.pid) and time.time() < deadline:
-            time.sleep(1)
-        leftover = session_processes(server.pid)
-        for pid in leftover:  # never leave them running, but fail below
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        leftover = stop_server(server)
         log.close()
     assert not leftover, f"processes left behind after stopping vllm serve: {leftover}"
     assert got == expected

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import ouro_config, randomize_adapter, save_base
 from test_vllm import (  # noqa: F401  (`work` is the shared environment fixture)
@@ -34,7 +32,8 @@ from test_vllm import (  # noqa: F401  (`work` is the shared environment fixture
     free_port,
     hf_greedy,
     prompts,
-    session_processes,
+    stop_server,
+    wait_until_ready,
     vllm_greedy,
     work,
 )
@@ -191,19 +190,7 @@ def test_vllm_serve_tensor_parallel_completions_match(work):
     url = f"http://127.0.0.1:{port}"
     leftover = []
     try:
-        deadline = time.time() + 600
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"vllm serve exited with {server.returncode}:\n" + log_path.read_text()[-4000:])
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail("vllm serve did not become ready in 600 s:\n" + log_path.read_text()[-4000:])
-            time.sleep(2)
+        wait_until_ready(server, url, log_path)
 
         def complete(ids):
             body = dict(model=str(path), prompt=ids, max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, return_token_ids=True)
@@ -215,21 +202,7 @@ def test_vllm_serve_tensor_parallel_completions_match(work):
         with ThreadPoolExecutor(len(prompts())) as pool:  # concurrent requests: the server batches them
             got, texts = map(list, zip(*pool.map(complete, prompts())))
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        deadline = time.time() + 30
-        while session_processes(server.pid) and time.time() < deadline:
-            time.sleep(1)
-        leftover = session_processes(server.pid)
-        for pid in leftover:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        leftover = stop_server(server)
         log.close()
     assert "world_size=2" in log_path.read_text() or "tensor_parallel_size=2" in log_path.read_text()
     assert not leftover, f"processes left behind after stopping vllm serve: {leftover}"
