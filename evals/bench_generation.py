@@ -93,7 +93,7 @@ def decode_throughput(model, batch: int, new_tokens: int, prompt_len: int, vocab
 def recurrence_overhead(model, batch: int, seq: int, vocab: int, repeats: int) -> dict:
     """Ouroboros forward vs the same layer applications with no Controller/LoRA/norm/gate, interleaved."""
     from ouroboros_plugins.layer import AttentionInputs, build_attention_mask
-    from ouroboros_plugins.recurrence import run
+    from ouroboros_plugins.dense import run
 
     wrapper = model.base_model.model.model
     decoder, backbone = wrapper.base_layer, wrapper.backbone

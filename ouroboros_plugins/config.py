@@ -149,6 +149,16 @@ class OuroborosSpec:
     def is_causal(self) -> bool:
         return self.modulation == "static" or self.controller_pooling in CAUSAL_POOLINGS
 
+    def require_causal(self, purpose: str) -> None:
+        """The one refusal of non-causal modulation, for every host: raise ValueError unless no position reads
+        a later one. purpose: what the caller wanted to do, e.g. "be served by vLLM"."""
+        if not self.is_causal:
+            raise ValueError(
+                f"controller_pooling={self.controller_pooling!r} lets every position read the whole sequence, future "
+                f"tokens included (a reference reproduction only), so this adapter cannot {purpose}; use one trained "
+                "with controller_pooling='causal_mean' or 'token', or modulation='static'"
+            )
+
     def method_fields(self) -> dict:
         """The Ouroboros fields only (what an exported checkpoint's config stores)."""
         return {name: getattr(self, name) for name in OuroborosSpec.__dataclass_fields__}

@@ -90,6 +90,7 @@ class Controller(nn.Module):
         self.state_proj = nn.Linear(hidden_size, state_dim)
         self.step_embed = nn.Embedding(rows, width)
         self.mlp = nn.Sequential(nn.Linear(state_dim + width, state_dim), nn.SiLU(), nn.Linear(state_dim, width), nn.SiLU())
+        self.r = r
         self.heads = nn.ModuleDict({name: nn.Linear(width, r, bias=False) for name in targets})
         for head in self.heads.values():
             nn.init.zeros_(head.weight)
@@ -98,7 +99,9 @@ class Controller(nn.Module):
         state = self.state_proj(_rms_normalise(pooled).to(self.state_proj.weight.dtype))  # [B, T, S]; fp32 pooling, own dtype after
         emb = self.step_embed.weight[step].expand(*state.shape[:-1], -1)  # [B, T, W]
         z = self.mlp(torch.cat([state, emb], dim=-1))  # [B, T, W]
-        return {name: head(z) for name, head in self.heads.items()}
+        # the heads as one matmul: [B, T, W] x [W, heads * r] -> one [B, T, r] view per head
+        weight = torch.cat([head.weight for head in self.heads.values()], dim=0)
+        return dict(zip(self.heads, (z @ weight.t()).split(self.r, dim=-1)))
 
 
 class StaticModulation(nn.Module):

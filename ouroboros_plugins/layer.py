@@ -1,25 +1,60 @@
-"""One Llama-style decoder layer (Llama, Qwen2, Mistral, ...) computed from its own modules, with two
-things the host's layer call cannot take: a per-projection modulation and an explicit KV-cache slot.
+"""One Llama-style decoder layer (Llama, Qwen2, Mistral, ...), written once for every host.
 
-The host framework's modules (norms, projections, activation) are called as they are; only the glue
-(rotary, attention, residuals) is written here, so the same code serves every host.
+`llama_style_layer(pieces, h, lowrank)` is the layer's arithmetic: norms, projections, attention, gated MLP and
+residuals. What differs between hosts is handed in as `pieces` (a `LayerPieces`): the transformers path gives the
+layer's own modules with a dense KV cache (`DensePieces`, below); vLLM gives its fused q/k/v and gate/up matmuls,
+rotary and paged attention (ouroboros_vllm). `lowrank` adds the Ouroboros low-rank paths to the projections
+(`lora.LowRank`): the modulated SVD bases on the recurrent layer, the trainable LoRA on the coda.
 """
 
 from __future__ import annotations
 
 import types
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# proj(name, module, x) -> projection output (the base projection, possibly modulated)
-ProjFn = Callable[[str, nn.Linear, torch.Tensor], torch.Tensor]
+from .lora import LowRank
+
+QKV = ("q_proj", "k_proj", "v_proj")
+GATE_UP = ("gate_proj", "up_proj")
+# the projections of a Llama-style layer, grouped by shared input (a group's low-rank A run as one matmul)
+PROJECTION_GROUPS = (QKV, ("o_proj",), GATE_UP, ("down_proj",))
 
 
-def plain_proj(name: str, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+class LayerPieces(Protocol):
+    """A host's view of one decoder layer for one call. Tensors are [..., features] (any leading dims)."""
+
+    def input_norm(self, h: torch.Tensor) -> torch.Tensor: ...
+    def post_attention_norm(self, h: torch.Tensor) -> torch.Tensor: ...
+    def project(self, names: tuple, x: torch.Tensor) -> list: ...  # the frozen projections `names` of x, one tensor each
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...  # rotary + cache + attention
+    def activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor: ...  # act(gate) * up
+
+
+def project(pieces: LayerPieces, names: tuple, x: torch.Tensor, lowrank: Optional[LowRank]) -> list:
+    outputs = pieces.project(names, x)
+    return outputs if lowrank is None else lowrank.add(names, x, outputs)
+
+
+def llama_style_layer(pieces: LayerPieces, h: torch.Tensor, lowrank: Optional[LowRank] = None) -> torch.Tensor:
+    """Pre-norm attention + gated MLP with residuals, every projection plus its low-rank path (if any)."""
+    x = pieces.input_norm(h)
+    q, k, v = project(pieces, QKV, x, lowrank)
+    o = pieces.attend(q, k, v)  # [..., heads * head_dim]
+    (out,) = project(pieces, ("o_proj",), o, lowrank)
+    h = h + out
+
+    x = pieces.post_attention_norm(h)
+    gate, up = project(pieces, GATE_UP, x, lowrank)
+    (down,) = project(pieces, ("down_proj",), pieces.activate(gate, up), lowrank)
+    return h + down
+
+
+def plain_proj(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """The frozen projection. Its input is cast to the weight's dtype and the output back to the input's, so a
     layer can run its residual stream in fp32 on a half-precision model (the recurrence does)."""
     if x.dtype == module.weight.dtype:
@@ -86,29 +121,42 @@ def attention(q, k, v, mask, implementation: str, scaling: float, dropout: float
     return out.transpose(1, 2).reshape(batch, q_len, -1)
 
 
-def llama_style_layer(layer: nn.Module, h: torch.Tensor, inputs: AttentionInputs, proj: ProjFn = plain_proj) -> torch.Tensor:
-    """Pre-norm attention + gated MLP with residuals; `layer` has self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj,
-    input_layernorm, post_attention_layernorm."""
-    attn, mlp = layer.self_attn, layer.mlp
-    batch, q_len, _ = h.shape
-    head_dim = attn.head_dim
+class DensePieces:
+    """The transformers host's pieces of a Llama-style layer: the layer's own modules (`self_attn.{q,k,v,o}_proj`,
+    `mlp.{gate,up,down}_proj`, `mlp.act_fn`, the two RMSNorms), tensors [B, T, features], and a dense KV cache
+    addressed by slot (`inputs`)."""
 
-    x = layer.input_layernorm(h)
-    q = proj("q_proj", attn.q_proj, x).view(batch, q_len, -1, head_dim).transpose(1, 2)  # [B, H, T, D]
-    k = proj("k_proj", attn.k_proj, x).view(batch, q_len, -1, head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-    v = proj("v_proj", attn.v_proj, x).view(batch, q_len, -1, head_dim).transpose(1, 2)
-    cos, sin = inputs.cos.unsqueeze(1), inputs.sin.unsqueeze(1)  # [B, 1, T, D]
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
-    if inputs.cache is not None:
-        k, v = inputs.cache.update(k, v, inputs.slot)  # [B, Hkv, S, D]
-    o = attention(q, k, v, inputs.mask, inputs.implementation, attn.scaling, inputs.dropout)  # [B, T, H*D]
-    h = h + proj("o_proj", attn.o_proj, o)
+    def __init__(self, layer: nn.Module, inputs: AttentionInputs):
+        self.layer, self.inputs = layer, inputs
+        attn, mlp = layer.self_attn, layer.mlp
+        self.modules = {name: getattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        self.modules.update({name: getattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj")})
 
-    x = layer.post_attention_layernorm(h)
-    gate = proj("gate_proj", mlp.gate_proj, x)
-    up = proj("up_proj", mlp.up_proj, x)
-    return h + proj("down_proj", mlp.down_proj, mlp.act_fn(gate) * up)
+    def input_norm(self, h):
+        return self.layer.input_layernorm(h)
+
+    def post_attention_norm(self, h):
+        return self.layer.post_attention_layernorm(h)
+
+    def project(self, names, x):
+        return [plain_proj(self.modules[name], x) for name in names]
+
+    def attend(self, q, k, v):
+        attn, inputs = self.layer.self_attn, self.inputs
+        batch, q_len, _ = q.shape
+        head_dim = attn.head_dim
+        q = q.view(batch, q_len, -1, head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(batch, q_len, -1, head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(batch, q_len, -1, head_dim).transpose(1, 2)
+        cos, sin = inputs.cos.unsqueeze(1), inputs.sin.unsqueeze(1)  # [B, 1, T, D]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if inputs.cache is not None:
+            k, v = inputs.cache.update(k, v, inputs.slot)  # [B, Hkv, S, D]
+        return attention(q, k, v, inputs.mask, inputs.implementation, attn.scaling, inputs.dropout)  # [B, T, H*D]
+
+    def activate(self, gate, up):
+        return self.layer.mlp.act_fn(gate) * up
 
 
 # The name under which `call_layer` gives a sharded layer a forward method of its own.

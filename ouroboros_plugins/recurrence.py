@@ -1,4 +1,5 @@
-"""The Ouroboros block: modulation source, per-step norms, gate, and the Prelude -> N steps -> Coda loop.
+"""The Ouroboros block: modulation source, per-step norms, gate, and the Prelude -> N steps -> Coda loop, written
+once for every host (`recur`); a host supplies its layers, caches and pooling through the `Host` interface.
 
     h_0 = Prelude(embed(x))
     for t in 0..N-1:
@@ -13,17 +14,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from functools import partial
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
 
-from .config import LayerPlan, OuroborosSpec
-from .controller import Controller, PoolState, StaticModulation, pool
-from .layer import AttentionInputs, build_attention_mask, call_layer
-from .lora import Bases, modulated_linear, svd_bases
+from .config import OuroborosSpec
+from .controller import Controller, StaticModulation
+from .lora import Bases, LowRank, LowRankPath, svd_bases
 
 
 class StepNorms(nn.Module):
@@ -68,15 +68,12 @@ class CodaLoRA(nn.Module):
                 layer.register_parameter(f"{name}_B", nn.Parameter(torch.zeros(d_out, r)))
             self.layers.append(layer)
 
-    def projector(self, k: int):
+    def lowrank(self, k: int, reduce: Optional[Callable] = None) -> LowRank:
+        """Coda layer k's LoRA on every projection: scale 1, no modulation."""
         layer = self.layers[k]
-
-        def proj(name: str, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-            y = module(x)
-            a, b = getattr(layer, f"{name}_A"), getattr(layer, f"{name}_B")
-            return y + ((x.to(a.dtype) @ a.t()) @ b.t()).to(y.dtype)
-
-        return proj
+        names = [n[:-2] for n, _ in layer.named_parameters() if n.endswith("_A")]
+        paths = {name: LowRankPath(getattr(layer, f"{name}_A"), getattr(layer, f"{name}_B"), None) for name in names}
+        return LowRank(paths, reduce=reduce)
 
 
 # dtype of the residual stream through the recurrence (None: the model's own dtype, the behaviour before; kept for
@@ -115,25 +112,20 @@ class OuroborosAdapter(nn.Module):
             a, b = svd_bases([layer[name] - recurrent[name] for layer in removed], self.spec.r)
             self.bases.set_pair(name, a, b)
 
-    def modulation(self, h: torch.Tensor, step: int, valid: Optional[torch.Tensor], state: Optional[PoolState]) -> dict:
+    def modulation(self, pooled: torch.Tensor, step: int) -> dict:
+        """name -> m [..., r] for step `step`; `pooled` is what the Controller reads (the host pools h_t)."""
         if self.spec.modulation == "static":
             return self.static(step)
-        return self.controller(pool(h, self.spec.controller_pooling, valid, step, state), step)
+        return self.controller(pooled, step)
 
-    def projector(self, m: dict):
-        scale = self.spec.scale
+    def lowrank(self, m: dict, reduce: Optional[Callable] = None) -> LowRank:
+        """The recurrent layer's low-rank paths under modulation m: scale alpha / r, A of a group stacked once."""
+        paths = {name: LowRankPath(*self.bases.pair(name), m[name]) for name in m}
+        return LowRank(paths, self.spec.scale, stack=self.bases.stacked_a, reduce=reduce)
 
-        def proj(name: str, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-            if name not in m:
-                return module(x)
-            a, b = self.bases.pair(name)
-            return modulated_linear(module, x, a, b, m[name], scale)
-
-        return proj
-
-    def coda_projector(self, k: int):
-        """Projection function for coda layer k (None = the plain frozen layer)."""
-        return self.coda_lora.projector(k) if self.spec.coda_lora_r else None
+    def coda_lowrank(self, k: int, reduce: Optional[Callable] = None) -> Optional[LowRank]:
+        """Coda layer k's LoRA (None = the plain frozen layer)."""
+        return self.coda_lora.lowrank(k, reduce) if self.spec.coda_lora_r else None
 
     def register_step_hook(self, hook: "StepHook") -> RemovableHandle:
         """Call `hook(adapter, step, u, h)` at every recurrence step, after the recurrent layer produced u [B, T, d]
@@ -154,94 +146,44 @@ class OuroborosAdapter(nn.Module):
         return (g * n + (1.0 - g) * h.to(n.dtype)).to(h.dtype)
 
 
-def positions_from_mask(valid: Optional[torch.Tensor], batch: int, q_len: int, past: int, device) -> torch.Tensor:
-    """Position ids [B, T]: count of valid tokens before each position (left padding aware)."""
-    if valid is None:
-        return torch.arange(past, past + q_len, device=device).unsqueeze(0).expand(batch, -1)
-    pos = torch.cumsum(valid.to(torch.long), dim=-1) - 1
-    return pos.clamp_min(0)[:, -q_len:]
+    def step(self, host: "Host", t: int, h: torch.Tensor) -> torch.Tensor:
+        """One recurrence step on `host`: h_t [.., d] -> h_{t+1}."""
+        m = self.modulation(host.pooled(t, h) if self.spec.modulation == "controller" else None, t)
+        u = host.recurrent(t, h, self.lowrank(m, host.reduce))
+        return self.update(u, h, t)
 
 
-def run(
-    backbone,
-    decoder: nn.Module,
-    adapter: OuroborosAdapter,
-    plan: LayerPlan,
-    inputs_embeds: torch.Tensor,
-    attention_mask: Optional[torch.Tensor] = None,
-    position_ids: Optional[torch.Tensor] = None,
-    cache=None,
-    gradient_checkpointing: bool = False,
-) -> torch.Tensor:
-    """Prelude -> N modulated recurrent steps -> Coda -> final norm. Returns the last hidden state [B, T, d].
+class Host(Protocol):
+    """What a framework supplies to run the recurrence on its own modules and caches. Hidden states are [..., d]
+    (the transformers path: [B, T, d]; vLLM: its flattened [tokens, d])."""
 
-    cache: a KV cache with update(k, v, slot) and get_seq_length(slot); slot layout is `plan`'s
-    (prelude layers, then one slot per step, then coda layers). With causal_mean pooling the cache also carries
-    the Controller's prefix sums as `cache.ouroboros_pool` (a PoolState, created here when absent), which the host
-    must reorder, expand and select with the cache's batch rows. attention_mask: [B, past + T], 1 = token.
-    """
-    spec = adapter.spec
-    layers = backbone.layers(decoder)
-    batch, q_len, _ = inputs_embeds.shape
-    device = inputs_embeds.device
-    past = cache.get_seq_length(0) if cache is not None else 0
-    if spec.controller_pooling == "sequence_mean" and spec.modulation == "controller" and past > 0:
-        raise ValueError(
-            "controller_pooling='sequence_mean' reads the whole sequence, future tokens included, so it cannot decode "
-            "token by token; use 'causal_mean' or 'token'"
-        )
-    valid = attention_mask.to(torch.bool) if attention_mask is not None else None
-    if valid is not None and valid.shape[-1] != past + q_len:
-        raise ValueError(f"attention_mask covers {valid.shape[-1]} positions, expected past ({past}) + new ({q_len})")
-    if position_ids is None:
-        position_ids = positions_from_mask(valid, batch, q_len, past, device)
-    implementation = backbone.attention_implementation(decoder)
-    mask = build_attention_mask(valid, batch, q_len, past, inputs_embeds.dtype, device, implementation)
-    cos, sin = backbone.rotary(decoder, inputs_embeds, position_ids)
-    dropout = backbone.attention_dropout(decoder) if decoder.training else 0.0
+    num_steps: int
+    num_coda: int
+    reduce: Optional[Callable]  # LowRank's reduce(name, z): tensor-parallel hosts sum row-parallel z; else None
 
-    def inputs(slot: int) -> AttentionInputs:
-        return AttentionInputs(cos, sin, mask, implementation, cache, slot, dropout)
+    def prelude(self, h: torch.Tensor) -> torch.Tensor: ...  # every prelude layer, plain
+    def pooled(self, t: int, h: torch.Tensor) -> torch.Tensor: ...  # what step t's Controller reads, fp32
+    def recurrent(self, t: int, h: torch.Tensor, lowrank: LowRank) -> torch.Tensor: ...  # u_t, through step t's cache slot
+    def coda(self, k: int, h: torch.Tensor, lowrank: Optional[LowRank]) -> torch.Tensor: ...
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor: ...
 
-    def plain(layer, slot, h, proj=None):
-        if proj is None:
-            return call_layer(backbone.run_layer, layer, h, inputs(slot))
-        return call_layer(backbone.run_layer, layer, h, inputs(slot), proj)
 
-    h = inputs_embeds
-    for i, index in enumerate(plan.prelude):
-        h = plain(layers[index], plan.prelude_slot(i), h)
+def recur(adapter: OuroborosAdapter, host: Host, h: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
+    """Prelude -> N modulated recurrent steps -> Coda -> final norm, on any host. h: the embeddings.
 
-    step_valid = valid[:, -q_len:] if valid is not None else None
-    pool_state = None
-    if cache is not None and spec.modulation == "controller" and spec.controller_pooling == "causal_mean":
-        # the host's cache carries the prefix sums as `ouroboros_pool` (and keeps them in step with its batch rows)
-        pool_state = getattr(cache, "ouroboros_pool", None)
-        if pool_state is None:
-            pool_state = PoolState()
-            cache.ouroboros_pool = pool_state
-        if past == 0:
-            pool_state.clear()
-    recurrent = layers[plan.recurrent]
-
-    def step(t: int, h: torch.Tensor) -> torch.Tensor:
-        m = adapter.modulation(h, t, step_valid, pool_state)
-        u = call_layer(backbone.run_layer, recurrent, h, inputs(plan.step_slot(t)), adapter.projector(m))
-        return adapter.update(u, h, t)
-
-    use_checkpoint = gradient_checkpointing and torch.is_grad_enabled() and cache is None
-    # The recurrence keeps its residual stream in fp32 whatever the model's dtype: one layer applied N times
-    # accumulates rounding (bf16) and its sums can overflow (fp16); the frozen matmuls still run in the weights' dtype.
+    The recurrence keeps its residual stream in fp32 whatever the model's dtype (`RECURRENCE_DTYPE`): one layer
+    applied N times accumulates rounding (bf16) and its sums can overflow (fp16); the frozen matmuls still run in
+    the weights' dtype. checkpointing: recompute each step and coda layer in backward (training only)."""
+    h = host.prelude(h)
     stream_dtype = h.dtype
     h = h.to(RECURRENCE_DTYPE or stream_dtype)
-    for t in range(plan.num_steps):
-        h = checkpoint(partial(step, t), h, use_reentrant=False) if use_checkpoint else step(t, h)
-    h = h.to(stream_dtype)
-
-    for k, index in enumerate(plan.coda):
-        proj = adapter.coda_projector(k)
-        if use_checkpoint:
-            h = checkpoint(partial(plain, layers[index], plan.coda_slot(k), proj=proj), h, use_reentrant=False)
+    for t in range(host.num_steps):
+        if checkpointing:
+            h = checkpoint(partial(adapter.step, host, t), h, use_reentrant=False)
         else:
-            h = plain(layers[index], plan.coda_slot(k), h, proj)
-    return backbone.final_norm(decoder, h)
+            h = adapter.step(host, t, h)
+    h = h.to(stream_dtype)
+    for k in range(host.num_coda):
+        lowrank = adapter.coda_lowrank(k, host.reduce)
+        h = checkpoint(partial(host.coda, k, lowrank=lowrank), h, use_reentrant=False) if checkpointing else host.coda(k, h, lowrank)
+    return host.final_norm(h)

@@ -182,6 +182,11 @@ BEAMS = dict(num_beams=3, num_return_sequences=2, max_new_tokens=8, do_sample=Fa
              return_dict_in_generate=True)
 
 
+# Cached and uncached forwards run different matmul shapes, so their rounding differs; the strongly randomised
+# Controller below amplifies that to ~1e-3 in the logits (fp32). A wrong prefix statistic moves scores by ~1.
+SCORE_TOL = 3e-3
+
+
 def beam_search(model, ids, use_cache):
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=use_cache, **BEAMS)
@@ -204,7 +209,7 @@ def test_beam_search_with_cache_equals_beam_search_without(arch, variant):
     seq_full, scores_full = beam_search(model, ids, use_cache=False)
     assert seq_cached.shape == (4, 15)
     assert torch.equal(seq_cached, seq_full)
-    torch.testing.assert_close(scores_cached, scores_full, atol=1e-4, rtol=0)
+    torch.testing.assert_close(scores_cached, scores_full, atol=SCORE_TOL, rtol=0)
 
 
 def test_beam_search_fails_when_the_pooling_state_is_not_reordered(monkeypatch):
@@ -220,7 +225,7 @@ def test_beam_search_fails_when_the_pooling_state_is_not_reordered(monkeypatch):
             ids = prompts(2, 7, seed=seed)
             seq_cached, scores_cached = beam_search(model, ids, use_cache=True)
             seq_full, scores_full = beam_search(model, ids, use_cache=False)
-            disagree += not (torch.equal(seq_cached, seq_full) and torch.allclose(scores_cached, scores_full, atol=1e-4))
+            disagree += not (torch.equal(seq_cached, seq_full) and torch.allclose(scores_cached, scores_full, atol=SCORE_TOL))
     assert disagree >= 4  # of 6: the property the test above checks really depends on the reordering
 
 

@@ -115,9 +115,9 @@ def test_zero_modulation_recurrent_step_equals_the_base_layer():
         mask = build_attention_mask(None, 2, 7, 0, h.dtype, h.device, "sdpa")
         layer = decoder.layers[2]
         with torch.no_grad():
-            m = adapter.modulation(h, 0, None, None)
+            m = adapter.modulation(h, 0)
             assert all(torch.count_nonzero(v) == 0 for v in m.values())
-            ours = backbone.run_layer(layer, h, AttentionInputs(cos, sin, mask, "sdpa"), adapter.projector(m))
+            ours = backbone.run_layer(layer, h, AttentionInputs(cos, sin, mask, "sdpa"), adapter.lowrank(m))
             plain = backbone.run_layer(layer, h, AttentionInputs(cos, sin, mask, "sdpa"))
             host = layer(h, attention_mask=None, position_embeddings=(cos, sin), position_ids=pos)
         assert torch.equal(ours, plain)

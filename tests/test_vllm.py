@@ -218,7 +218,7 @@ def test_entry_point_registers_architecture_and_config_lazily(work):
         same_after_reregister=True,
         model_module_imported=False,
         peft_imported=False,
-        config_class="ouroboros_vllm.config.OuroborosLMConfig",
+        config_class="ouroboros_hf.config.OuroborosLMConfig",
         num_steps=3,
         hf_model="ouroboros_peft.modeling.OuroborosForCausalLM",
     )
@@ -279,9 +279,9 @@ def test_causal_mean_is_not_token_pooling(work, monkeypatch):
     expected = reference(work, "qwen2", "causal_mean")
 
     def token_pooling(self, t, h):
-        return self.ouroboros.controller(h.to(torch.float32), t)
+        return h.to(torch.float32)
 
-    monkeypatch.setattr(OuroborosModel, "modulation", token_pooling)
+    monkeypatch.setattr(OuroborosModel, "pooled", token_pooling)
     llm = engine(path)
     try:
         wrong, _ = vllm_greedy(llm, prompts())

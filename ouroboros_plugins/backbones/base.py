@@ -1,8 +1,13 @@
-"""What the core needs to know about an architecture family, and the Llama-style implementation of it."""
+"""What the core needs to know about an architecture family, and the Llama-style implementation of it.
+
+A backbone supplies its layer to every host: `layer(pieces, h, lowrank)` is the layer's arithmetic, written once;
+the transformers path runs it on the layer's own modules (`run_layer`, through `layer.DensePieces`), the vLLM
+path on vLLM's decoder layer named by `vllm_layer`, whose fused parameters `vllm_stacked` maps to checkpoint names.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Optional, Protocol
 
 from ..config import DEFAULT_TARGETS
 
@@ -10,7 +15,8 @@ if TYPE_CHECKING:  # torch is imported when a layer runs, not when the plugin is
     import torch
     from torch import nn
 
-    from ..layer import AttentionInputs, ProjFn
+    from ..layer import AttentionInputs, LayerPieces
+    from ..lora import LowRank
 
 
 class Backbone(Protocol):
@@ -19,6 +25,9 @@ class Backbone(Protocol):
     name: str
     model_types: tuple  # HF config.model_type values handled
     projections: tuple  # names of the projections a layer has
+    vllm_layer: Optional[str]  # "module:Class" of vLLM's decoder layer for this family; None = not served by vLLM
+    vllm_stacked: dict  # checkpoint projection -> (vLLM fused parameter, shard id), for the fused ones
+    row_parallel: tuple  # projections whose input dim is sharded under tensor parallelism (the rest: output dim)
 
     def check_config(self, config) -> None: ...  # raise ValueError for unsupported options
     def decoder(self, model: nn.Module) -> nn.Module: ...  # the module holding embeddings, layers, final norm
@@ -27,7 +36,8 @@ class Backbone(Protocol):
     def embed(self, decoder: nn.Module, input_ids: torch.Tensor) -> torch.Tensor: ...
     def rotary(self, decoder: nn.Module, h: torch.Tensor, position_ids: torch.Tensor) -> tuple: ...
     def final_norm(self, decoder: nn.Module, h: torch.Tensor) -> torch.Tensor: ...
-    def run_layer(self, layer: nn.Module, h: torch.Tensor, inputs: AttentionInputs, proj: ProjFn = None) -> torch.Tensor: ...
+    def layer(self, pieces: LayerPieces, h: torch.Tensor, lowrank: LowRank = None) -> torch.Tensor: ...  # every host
+    def run_layer(self, layer: nn.Module, h: torch.Tensor, inputs: AttentionInputs, lowrank: LowRank = None) -> torch.Tensor: ...
 
 
 class LlamaStyleBackbone:
@@ -38,6 +48,16 @@ class LlamaStyleBackbone:
     model_types: tuple = ("llama",)
     projections = DEFAULT_TARGETS
     _attention = ("q_proj", "k_proj", "v_proj", "o_proj")
+    vllm_layer: Optional[str] = None
+    # vLLM's Llama-style layers fuse q/k/v into self_attn.qkv_proj and gate/up into mlp.gate_up_proj
+    vllm_stacked = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+    row_parallel = ("o_proj", "down_proj")
 
     def check_config(self, config) -> None:
         if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
@@ -81,8 +101,14 @@ class LlamaStyleBackbone:
     def is_gradient_checkpointing(self, decoder: nn.Module) -> bool:
         return any(getattr(layer, "gradient_checkpointing", False) for layer in decoder.layers)
 
-    def run_layer(self, layer: nn.Module, h: torch.Tensor, inputs: AttentionInputs, proj: ProjFn = None) -> torch.Tensor:
-        """proj(name, module, x): the projection to use (None = the plain frozen projection)."""
-        from ..layer import llama_style_layer, plain_proj
+    def run_layer(self, layer: nn.Module, h: torch.Tensor, inputs: AttentionInputs, lowrank: LowRank = None) -> torch.Tensor:
+        """The layer on the dense (transformers) host, plus `lowrank`'s paths on its projections (None: plain)."""
+        from ..layer import DensePieces
 
-        return llama_style_layer(layer, h, inputs, proj or plain_proj)
+        return self.layer(DensePieces(layer, inputs), h, lowrank)
+
+    def layer(self, pieces: LayerPieces, h: torch.Tensor, lowrank: LowRank = None) -> torch.Tensor:
+        """The layer's arithmetic on any host's pieces (`layer.llama_style_layer`)."""
+        from ..layer import llama_style_layer
+
+        return llama_style_layer(pieces, h, lowrank)

@@ -7,6 +7,7 @@ from .base import LlamaStyleBackbone
 class LlamaBackbone(LlamaStyleBackbone):
     name = "llama"
     model_types = ("llama",)
+    vllm_layer = "vllm.model_executor.models.llama:LlamaDecoderLayer"
 
 
 @hookimpl

@@ -7,6 +7,7 @@ from .base import LlamaStyleBackbone
 class Qwen2Backbone(LlamaStyleBackbone):
     name = "qwen2"
     model_types = ("qwen2",)
+    vllm_layer = "vllm.model_executor.models.qwen2:Qwen2DecoderLayer"
 
 
 @hookimpl

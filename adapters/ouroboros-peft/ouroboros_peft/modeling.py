@@ -12,37 +12,15 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
+from ouroboros_hf import ARCHITECTURE, MODEL_TYPE, SPEC_FIELDS, OuroborosLMConfig, register_config
 from ouroboros_plugins import LayerPlan, OuroborosAdapter, OuroborosSpec, find_backbone
 
 from .runtime import decode, check_generation
-
-MODEL_TYPE = "ouroboros"
-ARCHITECTURE = "OuroborosForCausalLM"  # distinct from vLLM's OuroForCausalLM (another looped model)
-SPEC_FIELDS = tuple(OuroborosSpec.__dataclass_fields__)
-
-
-class OuroborosLMConfig(PretrainedConfig):
-    """The base model's config fields (flat, with num_hidden_layers = P + 1 + C physical layers), plus
-    `base_model_type`, `original_num_hidden_layers` and every `OuroborosSpec` field."""
-
-    model_type = MODEL_TYPE
-
-    def __init__(self, base_model_type: str = "llama", original_num_hidden_layers: Optional[int] = None, **kwargs):
-        self.base_model_type = base_model_type
-        self.original_num_hidden_layers = original_num_hidden_layers
-        defaults = OuroborosSpec()
-        for name in SPEC_FIELDS:
-            setattr(self, name, kwargs.pop(name, getattr(defaults, name)))
-        super().__init__(**kwargs)
-
-    def spec(self) -> OuroborosSpec:
-        return OuroborosSpec(**{name: getattr(self, name) for name in SPEC_FIELDS})
-
 
 def exported_plan(spec: OuroborosSpec) -> LayerPlan:
     p, c = spec.num_prelude_layers, spec.num_coda_layers
@@ -70,13 +48,7 @@ class OuroborosForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: OuroborosLMConfig):
         super().__init__(config)
-        spec = config.spec()
-        expected = spec.num_prelude_layers + 1 + spec.num_coda_layers
-        if config.num_hidden_layers != expected:
-            raise ValueError(
-                f"config has num_hidden_layers={config.num_hidden_layers} but prelude ({spec.num_prelude_layers}) + "
-                f"recurrent (1) + coda ({spec.num_coda_layers}) = {expected}"
-            )
+        spec = config.spec()  # checked: fields in range, num_hidden_layers = prelude + 1 + coda
         self.backbone = find_backbone(config.base_model_type)
         base_cls = MODEL_MAPPING[CONFIG_MAPPING[config.base_model_type]]
         self.model = base_cls(config)  # shares this config: same fields, same attention implementation
@@ -143,12 +115,7 @@ class OuroborosForCausalLM(PreTrainedModel, GenerationMixin):
 
 
 def register_auto_classes() -> None:
-    """Idempotent: `AutoConfig` / `AutoModelForCausalLM` learn the `ouroboros` model type."""
-    try:
-        AutoConfig.register(MODEL_TYPE, OuroborosLMConfig)
-    except ValueError:
-        pass  # already registered in this process
-    try:
-        AutoModelForCausalLM.register(OuroborosLMConfig, OuroborosForCausalLM)
-    except ValueError:
-        pass
+    """Idempotent: `AutoConfig` / `AutoModelForCausalLM` learn the `ouroboros` model type and this model class
+    (over ouroboros_hf's lazy entry, whichever was registered first)."""
+    register_config()
+    AutoModelForCausalLM.register(OuroborosLMConfig, OuroborosForCausalLM, exist_ok=True)

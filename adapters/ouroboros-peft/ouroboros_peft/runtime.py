@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer
 
-from ouroboros_plugins import LayerPlan, OuroborosAdapter, PoolState, run
+from ouroboros_plugins import LayerPlan, OuroborosAdapter, PoolState
+from ouroboros_plugins.dense import run
 
 
 class PoolCacheLayer(CacheLayerMixin):
@@ -91,11 +92,7 @@ def check_generation(spec, model_generation_config, kwargs: dict) -> None:
     """Refuse, before any work, what this adapter cannot generate: sequence_mean pooling at all (it reads future
     tokens), and assisted decoding with causal_mean pooling (its prefix sums cannot be rolled back). Beam search,
     sampling and greedy work with every modulation. kwargs: what the caller passed to generate()."""
-    if spec.modulation == "controller" and spec.controller_pooling == "sequence_mean":
-        raise ValueError(
-            "controller_pooling='sequence_mean' lets every position read future tokens (reference reproduction only) "
-            "and cannot generate; train or load with controller_pooling='causal_mean' or 'token'"
-        )
+    spec.require_causal("generate")
     if uses_pool_state(spec):
         config = kwargs.get("generation_config") or model_generation_config  # what generate() will start from
         assisted = [k for k in ASSISTED_OPTIONS if kwargs.get(k) or getattr(config, k, None)]

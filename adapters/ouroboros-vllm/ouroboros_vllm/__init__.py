@@ -23,9 +23,9 @@ def register() -> None:
     type with transformers' AutoConfig, and the load-time checkpoint check. Safe to call any number of times."""
     from vllm import ModelRegistry
 
-    from .config import register_config_classes
+    from ouroboros_hf import register_config
 
-    register_config_classes()
+    register_config()
     current = ModelRegistry.models.get(ARCHITECTURE) if hasattr(ModelRegistry, "models") else None
     target = tuple(MODEL_CLASS.split(":"))
     if current is None or (getattr(current, "module_name", None), getattr(current, "class_name", None)) != target:

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from .config import spec_from_config
+from .config import serving_spec
 
 PER_STEP_TABLES = ("ouroboros.norms.weight", "ouroboros.controller.step_embed.weight")
 
@@ -47,7 +47,7 @@ def expected_shapes(config) -> dict[str, tuple]:
 
     from ouroboros_plugins import OuroborosAdapter, find_backbone
 
-    spec = spec_from_config(config)
+    spec = serving_spec(config)
     backbone = find_backbone(config.base_model_type)
     with torch.device("meta"):
         decoder = MODEL_MAPPING[CONFIG_MAPPING[config.base_model_type]](config)
@@ -85,7 +85,7 @@ def compare(expected: dict, found: dict, spec, where: str) -> None:
 
 
 def check_checkpoint(model_dir: str, config) -> None:
-    spec = spec_from_config(config)
+    spec = serving_spec(config)
     compare(expected_shapes(config), checkpoint_shapes(model_dir), spec, f"checkpoint {model_dir}")
 
 
@@ -93,7 +93,7 @@ def verify_model_config(model_config) -> None:
     """vLLM's ModelConfig hook: settings first (pooling, depth, layer count), then the tensors of a local
     checkpoint directory."""
     config = model_config.hf_config
-    spec_from_config(config)
+    serving_spec(config)
     path = str(model_config.model)
     if os.path.isdir(path):
         check_checkpoint(path, config)

@@ -14,30 +14,27 @@ KV-cache slot, as vLLM requires):
     model.ouroboros                 the core's `OuroborosAdapter` (bases, controller/static, step norms, gate), fp32
 
 The checkpoint stores the recurrent layer once at `model.layers.{P}` and the coda at P+1..P+C; the mapping
-in `load_weights` shifts the coda by N-1. One step (the core's math, see ouroboros_plugins.recurrence):
+in `load_weights` shifts the coda by N-1.
 
-    m_t = Controller(pool(h_t), t) | static[t]
-    u_t = layer(h_t) with y = W x + b + (alpha/r) B (m_t * A x) on each target projection
-    h_{t+1} = g * RMSNorm_t(u_t) + (1 - g) * h_t
-
-With `coda_lora_r > 0` every projection of coda layer k also carries a LoRA (`ouroboros.coda_lora.layers.k.*`):
-y = W x + b + B (A x), scale 1, no modulation.
-
-vLLM fuses q/k/v and gate/up into one matmul each; the low-rank deltas are computed per projection and
-added to their slice (`_with_deltas`). The step is written out with the layer's own modules rather than
-calling the layer (`layer_forward`): the layer's forward passes its input on as the residual, which vLLM's
-fused add+RMSNorm overwrites in place (on GPU), and the gate still needs h_t. Nothing here writes into h_t.
-A coda with a LoRA runs through the same `layer_forward`; a plain coda is vLLM's own layer call.
+The recurrence is the core's (`ouroboros_plugins.recurrence.recur`: step, gate, norms, coda LoRA, fp32 residual
+stream) and so is the layer's arithmetic (the backbone's `layer`, `ouroboros_plugins.layer.llama_style_layer`):
+this module only supplies vLLM's pieces of them. `VllmHost` is the core's `Host` (prelude and plain coda as vLLM's
+own layer calls, step t's KV-cache slot, the causal_mean statistic from the paged cache); `VllmPieces` is one
+layer's pieces (fused q/k/v and gate/up matmuls split per projection, vLLM's rotary and paged attention), so the
+low-rank paths (`ouroboros_plugins.lora.LowRank`) are added to each projection's slice of the fused output. The
+decoder-layer class comes from the backbone plugin (`Backbone.vllm_layer`); nothing here names a model family.
 
 Tensor parallel (tensor_parallel_size = W): vLLM's layers hold their rank's shard; the Ouroboros adapter is
 built with this rank's projection shapes (`TPLayout`) and its low-rank factors are sliced at load the way vLLM
 slices the weight they modulate (B rows for q/k/v/gate/up, A columns for o_proj/down_proj); `_with_deltas`
-all-reduces the row-parallel z. Controller, static table, step norms and gate read the full hidden state,
+all-reduces the row-parallel z (`LowRank`'s reduce). Controller, static table, step norms and gate read the full hidden state,
 which every rank holds: they are replicated. Pipeline parallel is refused (front end: `checkpoint.verify_parallel`).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 from collections.abc import Iterable
 
@@ -53,43 +50,33 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.utils import maybe_prefix
 
-from ouroboros_plugins import OuroborosAdapter
+from ouroboros_plugins import OuroborosAdapter, find_backbone
+from ouroboros_plugins.layer import GATE_UP, QKV
+from ouroboros_plugins.recurrence import recur
 
-from .config import spec_from_config
+from .config import serving_spec
 
-QKV = ("q_proj", "k_proj", "v_proj")
-GATE_UP = ("gate_proj", "up_proj")
-PROJECTIONS = QKV + ("o_proj",) + GATE_UP + ("down_proj",)
-
-# checkpoint projection -> (vLLM fused parameter, shard id); one table for loading, one loop in load_weights.
-STACKED = {
-    "q_proj": ("qkv_proj", "q"),
-    "k_proj": ("qkv_proj", "k"),
-    "v_proj": ("qkv_proj", "v"),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-}
-SHARDS = {"qkv_proj": ("q", "k", "v"), "gate_up_proj": (0, 1)}
 # Tensor parallelism, per projection: vLLM shards the output dim of the column-parallel ones (qkv, gate_up) and
-# the input dim of the row-parallel ones (o_proj, down_proj). The low-rank factors follow: column-parallel ->
-# A [r, d_in] replicated, B [d_out, r] row-sliced to this rank's output shard; row-parallel -> A column-sliced
-# to this rank's input shard, B replicated, and z = x_shard A_shard^T summed over the TP group before m and B.
-ROW_PARALLEL = ("o_proj", "down_proj")
+# the input dim of the row-parallel ones (o_proj, down_proj; the backbone's `row_parallel`). The low-rank factors
+# follow: column-parallel -> A [r, d_in] replicated, B [d_out, r] row-sliced to this rank's output shard;
+# row-parallel -> A column-sliced to this rank's input shard, B replicated, and z = x_shard A_shard^T summed over
+# the TP group before m and B.
 
 
-def decoder_layer(base_model_type: str, vllm_config: VllmConfig, prefix: str) -> nn.Module:
-    config = vllm_config.model_config.hf_config
-    if base_model_type == "qwen2":
-        from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer
-
-        return Qwen2DecoderLayer(
-            config=config, cache_config=vllm_config.cache_config, quant_config=vllm_config.quant_config, prefix=prefix
-        )
-    if base_model_type == "llama":
-        from vllm.model_executor.models.llama import LlamaDecoderLayer
-
-        return LlamaDecoderLayer(vllm_config=vllm_config, prefix=prefix, config=config)
-    raise ValueError(f"base_model_type={base_model_type!r} is not supported (llama, qwen2)")
+def decoder_layer(backbone, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+    """vLLM's decoder layer for this family (`backbone.vllm_layer`, "module:Class"), built with whichever of
+    vllm_config / config / cache_config / quant_config / prefix its constructor takes."""
+    module, name = backbone.vllm_layer.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    offered = {
+        "vllm_config": vllm_config,
+        "config": vllm_config.model_config.hf_config,
+        "cache_config": vllm_config.cache_config,
+        "quant_config": vllm_config.quant_config,
+        "prefix": prefix,
+    }
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{key: value for key, value in offered.items() if key in accepted})
 
 
 class TPLayout:
@@ -190,22 +177,87 @@ class CausalMeanPool:
         return torch.cat(outs, dim=-1)[:, : self.hidden].to(torch.float32)
 
 
+class VllmPieces:
+    """One vLLM Llama-style decoder layer's pieces for the core's layer arithmetic (`LayerPieces`): tensors
+    [tokens, features]; projections through the layer's fused matmuls, split per projection; rotary and paged
+    attention through `kv` (the KV-cache slot of this call). Inputs are cast to the model dtype at each piece (the
+    recurrence's residual stream is fp32)."""
+
+    def __init__(self, layer: nn.Module, kv: Attention, positions: torch.Tensor, sizes: dict, dtype: torch.dtype):
+        self.layer, self.kv, self.positions, self.sizes, self.dtype = layer, kv, positions, sizes, dtype
+        attn, mlp = layer.self_attn, layer.mlp
+        self.fused = {QKV: attn.qkv_proj, ("o_proj",): attn.o_proj, GATE_UP: mlp.gate_up_proj, ("down_proj",): mlp.down_proj}
+
+    def input_norm(self, h):
+        return self.layer.input_layernorm(h.to(self.dtype))  # no residual argument: returns a new tensor
+
+    def post_attention_norm(self, h):
+        return self.layer.post_attention_layernorm(h.to(self.dtype))
+
+    def project(self, names, x):
+        y, _ = self.fused[names](x.to(self.dtype))
+        return list(y.split([self.sizes[name] for name in names], dim=-1)) if len(names) > 1 else [y]
+
+    def attend(self, q, k, v):
+        q, k = self.layer.self_attn.rotary_emb(self.positions, q.to(self.dtype), k.to(self.dtype))
+        return self.kv(q, k, v.to(self.dtype))
+
+    def activate(self, gate, up):
+        return self.layer.mlp.act_fn(torch.cat([gate, up], dim=-1).to(self.dtype))
+
+
+class VllmHost:
+    """The core's `recurrence.Host` on vLLM for one forward: flattened tokens [T, d], vLLM's layers and caches."""
+
+    def __init__(self, model: "OuroborosModel", positions: torch.Tensor):
+        self.model, self.positions = model, positions
+        self.num_steps, self.num_coda = model.num_steps, model.num_coda
+        self.reduce = model.row_parallel_reduce if model.tp.tp_size > 1 and model.row_reduce else None
+
+    def _plain(self, layers, h):
+        residual = None
+        for layer in layers:
+            h, residual = layer(self.positions, h, residual)
+        return h if residual is None else h + residual  # vLLM layers hand back (branch output, residual)
+
+    def prelude(self, h):
+        return self._plain(self.model.layers[: self.model.num_prelude], h)
+
+    def pooled(self, t, h):
+        return self.model.pooled(t, h)
+
+    def recurrent(self, t, h, lowrank):
+        model = self.model
+        return model.run_layer(model.layers[model.num_prelude], model.step_attention(t), self.positions, h, lowrank)
+
+    def coda(self, k, h, lowrank=None):
+        model = self.model
+        layer = model.layers[model.num_prelude + model.num_steps + k]
+        if lowrank is None:
+            return self._plain([layer], h)
+        return model.run_layer(layer, layer.self_attn.attn, self.positions, h, lowrank)
+
+    def final_norm(self, h):
+        return self.model.norm(h)
+
+
 class OuroborosModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
         if get_pp_group().world_size != 1:  # normally refused in the front end (checkpoint.verify_parallel)
             raise ValueError("ouroboros-vllm does not support pipeline parallelism: serve with pipeline_parallel_size=1")
-        self.spec = spec = spec_from_config(config)
+        self.spec = spec = serving_spec(config)
+        self.backbone = backbone = find_backbone(config.base_model_type)
         self.config = config
         p, n, c = spec.num_prelude_layers, spec.num_steps, spec.num_coda_layers
         self.num_prelude, self.num_steps, self.num_coda = p, n, c
 
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens")
-        layers: list[nn.Module] = [decoder_layer(config.base_model_type, vllm_config, f"{prefix}.layers.{i}") for i in range(p + 1)]
+        layers: list[nn.Module] = [decoder_layer(backbone, vllm_config, f"{prefix}.layers.{i}") for i in range(p + 1)]
         recurrent_attn = layers[p].self_attn.attn
         layers += [StepSlot(layers[p].self_attn, vllm_config, f"{prefix}.layers.{p + t}") for t in range(1, n)]
-        layers += [decoder_layer(config.base_model_type, vllm_config, f"{prefix}.layers.{p + n + k}") for k in range(c)]
+        layers += [decoder_layer(backbone, vllm_config, f"{prefix}.layers.{p + n + k}") for k in range(c)]
         self.pool = None
         if spec.modulation == "controller" and spec.controller_pooling == "causal_mean":
             self.pool = CausalMeanPool(config.hidden_size, recurrent_attn.num_kv_heads, recurrent_attn.head_size)
@@ -219,6 +271,8 @@ class OuroborosModel(nn.Module):
 
         self.tp = TPLayout(self.layers[p], config.hidden_size, config.intermediate_size)
         self.row_reduce = True  # False only in the TP test's negative control (a deliberately wrong model)
+        self.sizes = {name: shape[0] for name, shape in self.tp.shapes.items()}  # this rank's output width per projection
+        self.dtype = vllm_config.model_config.dtype
         shapes = self.tp.shapes  # this rank's [d_out, d_in]: the adapter's bases and coda LoRA are built sharded
         device = torch.empty(()).device  # vLLM builds the model under its target device
         previous = torch.get_default_dtype()
@@ -261,100 +315,29 @@ class OuroborosModel(nn.Module):
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
-    def modulation(self, t: int, h: torch.Tensor) -> dict:
-        if self.spec.modulation == "static":
-            return self.ouroboros.static(t)
+    def pooled(self, t: int, h: torch.Tensor) -> torch.Tensor:
+        """What step t's Controller reads: the causal mean from the pooling slots, or the token itself."""
         if self.pool is not None:
-            pooled = self.pool(self.pool_slots(t), h)
-        else:  # token pooling: position i reads itself
-            pooled = h.to(torch.float32)
-        return self.ouroboros.controller(pooled, t)
+            return self.pool(self.pool_slots(t), h.to(self.dtype))
+        return h.to(torch.float32)
 
-    def step_lora(self, m: dict) -> dict:
-        """The recurrent layer's low-rank paths under modulation m: name -> (A [r, d_in], B [d_out, r], m [T, r])."""
-        return {name: (*self.ouroboros.bases.pair(name), m[name]) for name in m}
+    def row_parallel_reduce(self, name: str, z: torch.Tensor) -> torch.Tensor:
+        """`LowRank`'s reduce under tensor parallelism: a row-parallel projection sees this rank's slice of its
+        input, so z = x A^T is a partial sum: summed over the TP group (vLLM's RowParallelLinear all-reduces y
+        itself, so the delta is then added to the full output on every rank)."""
+        return tensor_model_parallel_all_reduce(z) if name in self.backbone.row_parallel else z
 
-    def coda_lora(self, k: int) -> dict:
-        """Coda layer k's LoRA: name -> (A [r, d_in], B [d_out, r], None), every projection, unmodulated."""
-        layer = self.ouroboros.coda_lora.layers[k]
-        return {name: (getattr(layer, f"{name}_A"), getattr(layer, f"{name}_B"), None) for name in PROJECTIONS}
-
-    def _with_deltas(self, y: torch.Tensor, x: torch.Tensor, names: tuple, lora: dict, scale: float) -> torch.Tensor:
-        """The one place for "projection + low-rank delta". y = the (fused) projection's output on this rank
-        [T, sum of its parts], x its input; add scale * B (m * A x) (fp32, m = 1 when None) to the slice of each
-        projection in `lora` (name -> (A, B, m), this rank's factors). Row-parallel projections see only this
-        rank's slice of x, so z = x A^T is a partial sum: summed over the TP group first (y itself is already
-        all-reduced by vLLM's RowParallelLinear, so the delta is added to the full output on every rank)."""
-        if not any(name in lora for name in names):
-            return y
-        parts = list(y.split([self.tp.shapes[name][0] for name in names], dim=-1))
-        xf = None
-        for i, name in enumerate(names):
-            if name not in lora:
-                continue
-            a, b, m = lora[name]
-            if xf is None:
-                xf = x.to(a.dtype)
-            z = xf @ a.t()  # [T, r]
-            if name in ROW_PARALLEL and self.tp.tp_size > 1 and self.row_reduce:
-                z = tensor_model_parallel_all_reduce(z)
-            delta = (z if m is None else z * m) @ b.t()
-            parts[i] = parts[i] + (scale * delta).to(y.dtype)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-
-    def layer_forward(
-        self, layer: nn.Module, kv: Attention, positions: torch.Tensor, h: torch.Tensor, lora: dict, scale: float
-    ) -> torch.Tensor:
-        """A vLLM decoder layer written out with its own modules, attending through `kv` (the KV-cache slot),
-        every projection plus its low-rank delta (`_with_deltas`). h [T, d] -> h + attn + mlp [T, d]."""
-        attn, mlp = layer.self_attn, layer.mlp
-        x = layer.input_layernorm(h)  # no residual argument: returns a new tensor
-        qkv, _ = attn.qkv_proj(x)
-        qkv = self._with_deltas(qkv, x, QKV, lora, scale)
-        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-        q, k = attn.rotary_emb(positions, q, k)
-        o = kv(q, k, v)
-        out, _ = attn.o_proj(o)
-        mid = h + self._with_deltas(out, o, ("o_proj",), lora, scale)
-
-        x = layer.post_attention_layernorm(mid)
-        gate_up, _ = mlp.gate_up_proj(x)
-        gate_up = self._with_deltas(gate_up, x, GATE_UP, lora, scale)
-        act = mlp.act_fn(gate_up)
-        down, _ = mlp.down_proj(act)
-        return mid + self._with_deltas(down, act, ("down_proj",), lora, scale)
-
-    def step(self, t: int, positions: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        lora = self.step_lora(self.modulation(t, h))
-        u = self.layer_forward(self.layers[self.num_prelude], self.step_attention(t), positions, h, lora, self.spec.scale)
-        return self.ouroboros.update(u, h, t)
+    def run_layer(self, layer: nn.Module, kv: Attention, positions: torch.Tensor, h: torch.Tensor, lowrank) -> torch.Tensor:
+        """A vLLM decoder layer through the backbone's layer arithmetic, attending through `kv`, plus `lowrank`."""
+        return self.backbone.layer(VllmPieces(layer, kv, positions, self.sizes, self.dtype), h, lowrank)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None) -> torch.Tensor:
         h = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        residual = None
-        for layer in self.layers[: self.num_prelude]:
-            h, residual = layer(positions, h, residual)
-        if residual is not None:
-            h = h + residual  # vLLM layers hand back (branch output, residual); the hidden state is their sum
-        for t in range(self.num_steps):
-            h = self.step(t, positions, h)
-        first = self.num_prelude + self.num_steps
-        coda = self.layers[first : first + self.num_coda]
-        if self.spec.coda_lora_r:
-            for k, layer in enumerate(coda):
-                h = self.layer_forward(layer, layer.self_attn.attn, positions, h, self.coda_lora(k), 1.0)
-            return self.norm(h)
-        residual = None
-        for layer in coda:
-            h, residual = layer(positions, h, residual)
-        if residual is None:
-            return self.norm(h)
-        h, _ = self.norm(h, residual)
-        return h
+        return recur(self.ouroboros, VllmHost(self, positions), h)
 
 
 class OuroborosForCausalLM(nn.Module):
-    packed_modules_mapping = {"qkv_proj": list(QKV), "gate_up_proj": list(GATE_UP)}
+    packed_modules_mapping = {"qkv_proj": list(QKV), "gate_up_proj": list(GATE_UP)}  # vLLM's Llama-style layers
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -383,8 +366,9 @@ class OuroborosForCausalLM(nn.Module):
             name = "model." + self.model.checkpoint_to_module(name[len("model.") :])
         if name.startswith("model.layers."):
             parent, proj, leaf = name.rsplit(".", 2)
-            if proj in STACKED:
-                fused, shard = STACKED[proj]
+            stacked = self.model.backbone.vllm_stacked
+            if proj in stacked:
+                fused, shard = stacked[proj]
                 return f"{parent}.{fused}.{leaf}", shard
         return name, None
 
@@ -399,7 +383,7 @@ class OuroborosForCausalLM(nn.Module):
                 index -= self.model.num_steps - 1
             if shard is not None:
                 parent, fused, leaf = rest.rsplit(".", 2)
-                proj = next(p for p, (f, s) in STACKED.items() if f == fused and s == shard)
+                proj = next(p for p, (f, s) in self.model.backbone.vllm_stacked.items() if f == fused and s == shard)
                 rest = f"{parent}.{proj}.{leaf}"
             return f"model.layers.{index}.{rest}"
         return name
@@ -408,9 +392,12 @@ class OuroborosForCausalLM(nn.Module):
         """Strict: every parameter and buffer must be filled exactly once, every checkpoint tensor used."""
         targets = dict(self.named_parameters())
         targets.update(dict(self.model.ouroboros.named_buffers(prefix="model.ouroboros")))
-        expected = {(name, shard) for name in targets for shard in SHARDS.get(name.rsplit(".", 2)[-2], (None,))}
+        shards: dict = {}
+        for fused, shard in self.model.backbone.vllm_stacked.values():
+            shards.setdefault(fused, []).append(shard)
+        expected = {(name, shard) for name in targets for shard in shards.get(name.rsplit(".", 2)[-2], (None,))}
         filled: set = set()
-        unexpected, wrong = [], []
+        unexpected, wrong, nonfinite = [], [], []
         for ckpt_name, tensor in weights:
             name, shard = self.checkpoint_to_module(ckpt_name)
             if name not in targets:
@@ -423,6 +410,9 @@ class OuroborosForCausalLM(nn.Module):
                 if part is None or tuple(target.shape) != tuple(part.shape):
                     wrong.append(f"{ckpt_name} {tuple(tensor.shape)} (expected {tuple(target.shape)} on this rank)")
                     continue
+                if ckpt_name.startswith("ouroboros.") and not bool(torch.isfinite(part).all()):
+                    nonfinite.append(ckpt_name)  # the adapter's own tensors: NaN / inf would serve NaN logits
+                    continue
                 default_weight_loader(target, part)
             elif shard is None:
                 loader(target, tensor)
@@ -430,9 +420,10 @@ class OuroborosForCausalLM(nn.Module):
                 target.weight_loader(target, tensor, shard)
             filled.add((name, shard))
         missing = sorted(self.module_to_checkpoint(n, s) for n, s in expected - filled)
-        if unexpected or wrong or missing:
+        if unexpected or wrong or missing or nonfinite:
             raise ValueError(
                 "checkpoint does not match the Ouroboros model: "
-                f"missing {missing[:8]}, unexpected {sorted(unexpected)[:8]}, wrong shapes {wrong[:8]}"
+                f"missing {missing[:8]}, unexpected {sorted(unexpected)[:8]}, wrong shapes {wrong[:8]}, "
+                f"NaN or inf values {sorted(nonfinite)[:8]}"
             )
         return set(targets)
