@@ -3,6 +3,7 @@ an earlier export, and names a bad --dtype before any work."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 
 import pytest
+import torch
 from peft import get_peft_model
 
 from conftest import ouro_config, save_base
@@ -93,3 +95,79 @@ def test_kill_9_during_overwrite_leaves_the_old_or_the_new_export(inputs, tmp_pa
     export(inputs / "base", inputs / "adapter", out, overwrite=True)
     assert complete(out) and sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # leftovers tidied
     shutil.rmtree(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# a bad adapter is refused before any export work, naming the file (and the field / the tensors)
+# ----------------------------------------------------------------------------------------------------
+
+ADAPTER_PREFIX = "base_model.model.model.ouroboros_adapter."
+
+
+def edit_tensors(fn):
+    def damage(folder):
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        fn(tensors)
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return damage
+
+
+def nan_in(name):
+    def fn(t):
+        t[ADAPTER_PREFIX + name] = t[ADAPTER_PREFIX + name].clone().fill_(float("nan"))
+    return fn
+
+
+def edit_config(fn):
+    def damage(folder):
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        fn(cfg)
+        (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    return damage
+
+
+TENSOR_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
+
+# damage -> (the file the error names, what else it must say)
+BAD_ADAPTERS = {
+    "missing gate bias": (edit_tensors(lambda t: t.pop(ADAPTER_PREFIX + "gate.proj.bias")), TENSOR_FILE, "missing tensor gate.proj.bias"),
+    "missing norms": (edit_tensors(lambda t: t.pop(ADAPTER_PREFIX + "norms.weight")), TENSOR_FILE, "missing tensor norms.weight"),
+    "NaN in the gate": (edit_tensors(nan_in("gate.proj.weight")), TENSOR_FILE, "gate.proj.weight holds NaN or inf"),
+    "inf in a basis": (edit_tensors(lambda t: t[ADAPTER_PREFIX + "bases.q_proj_A"].view(-1).__setitem__(0, float("inf"))), TENSOR_FILE, "bases.q_proj_A holds NaN or inf"),
+    "an unexpected tensor": (edit_tensors(lambda t: t.update({ADAPTER_PREFIX + "extra.weight": torch.zeros(2)})), TENSOR_FILE, "unexpected tensor .*extra.weight"),
+    "wrong-shape adapter (was a RuntimeError traceback)": (edit_config(lambda c: c.update(num_steps=5)), TENSOR_FILE, r"norms.weight has shape \(3, 128\), the adapter config needs \(5, 128\)"),
+    "peft_type LORA on an Ouroboros adapter": (edit_config(lambda c: c.update(peft_type="LORA")), CONFIG_FILE, "peft_type is 'LORA', but the file holds an Ouroboros adapter's fields"),
+    "peft_type lowercase": (edit_config(lambda c: c.update(peft_type="ouroboros")), CONFIG_FILE, "peft_type must be \"OUROBOROS\" exactly"),
+    "peft_type missing": (edit_config(lambda c: c.pop("peft_type")), CONFIG_FILE, "has no peft_type field"),
+    "invalid JSON": (lambda folder: (folder / CONFIG_FILE).write_text('{"peft_type": "OUROBOROS",'), CONFIG_FILE, "is not valid JSON: .* at line 1"),
+    "a pickled adapter_model.bin": (lambda folder: (folder / TENSOR_FILE).rename(folder / "adapter_model.bin"), "adapter_model.bin", "pickled PyTorch file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ADAPTERS))
+def test_a_bad_adapter_is_refused_by_export_naming_the_file(inputs, tmp_path, case):
+    damage, name, message = BAD_ADAPTERS[case]
+    adapter = tmp_path / "adapter"
+    shutil.copytree(inputs / "adapter", adapter)
+    damage(adapter)
+    before = files(inputs)
+    with pytest.raises(ValueError, match=message) as info:
+        export(inputs / "base", adapter, tmp_path / "out")
+    assert str(adapter / name) in str(info.value)
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # nothing written
+    assert files(inputs) == before
+
+
+def test_the_command_line_names_a_nan_adapter_without_a_traceback(inputs, tmp_path):
+    """`ouroboros export` wrote a NaN adapter with exit code 0; now: exit 2, one line naming the file."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(inputs / "adapter", adapter)
+    edit_tensors(nan_in("norms.weight"))(adapter)
+    exe = os.path.join(os.path.dirname(sys.executable), "ouroboros")
+    res = subprocess.run([exe, "export", "--base", str(inputs / "base"), "--adapter", str(adapter), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"{adapter / TENSOR_FILE} does not match its adapter_config.json" in res.stderr and "norms.weight holds NaN or inf" in res.stderr
+    assert not (tmp_path / "out").exists()

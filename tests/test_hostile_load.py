@@ -4,6 +4,7 @@ its config describes before the model is touched; any failure leaves the caller'
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -189,3 +190,273 @@ def test_an_older_adapter_keeps_its_recurrent_layer_hash_check(plain_saved, tmp_
     PeftModel.from_pretrained(tiny_model("llama"), folder)  # the right base
     with pytest.raises(ValueError, match="recurrent_layer_sha256"):
         PeftModel.from_pretrained(tiny_model("llama", seed=5), folder)
+
+
+# ----------------------------------------------------------------------------------------------------
+# transformers' model.load_adapter(d): the same checks, before the decoder is replaced (it injects first and loads
+# the weights afterwards, with no way back on a failure)
+# ----------------------------------------------------------------------------------------------------
+
+
+def untouched(model, before, logits, ids):
+    modules, grads, tensors = before
+    after_modules, after_grads, after_tensors = state(model)
+    assert after_modules == modules and after_grads == grads
+    assert not hasattr(model, "peft_config") and not getattr(model, "_hf_peft_config_loaded", False)
+    assert all(torch.equal(after_tensors[k], v) for k, v in tensors.items())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)
+
+
+def as_pickle(folder):
+    """What save_pretrained(safe_serialization=False) leaves: adapter_model.bin, no safetensors (the bytes do not
+    matter: nothing may open it)."""
+    (folder / WEIGHTS).rename(folder / "adapter_model.bin")
+
+
+HF_CASES = {name: (damage, rf"{WEIGHTS} does not match its adapter_config.json.*{message}") for name, (damage, message) in CASES.items()}
+HF_CASES["a pickled adapter_model.bin"] = (as_pickle, r"adapter_model.bin is a pickled PyTorch file .*safe_serialization=False")
+HF_CASES["another base model"] = ("other base", r"different base model: .*weights of")
+
+
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_transformers_load_adapter_refuses_and_leaves_the_model_untouched(saved, tmp_path, case):
+    damage, message = HF_CASES[case]
+    folder = tmp_path / "adapter"
+    shutil.copytree(saved, folder)
+    model = tiny_model("llama", seed=5 if damage == "other base" else 0)
+    if damage != "other base":
+        damage(folder)
+    ids = torch.randint(4, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    before = state(model)
+    with torch.no_grad():
+        logits = model(ids).logits
+    with pytest.raises(ValueError, match=message):
+        model.load_adapter(str(folder))
+    untouched(model, before, logits, ids)
+
+
+def test_transformers_load_adapter_of_the_intact_file_loads_it_exactly(saved):
+    model = tiny_model("llama")
+    model.load_adapter(str(saved))
+    saved_tensors = load_file(str(saved / WEIGHTS))
+    adapter = model.model.ouroboros_adapter["default"]
+    for name, value in adapter.state_dict().items():
+        assert torch.equal(value, saved_tensors[PREFIX + name]), name  # bases too: taken from the file
+    ids = torch.randint(4, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, PeftModel.from_pretrained(tiny_model("llama"), saved)(ids).logits)
+
+
+# ----------------------------------------------------------------------------------------------------
+# unload() gives the caller's model back exactly; merging is refused before anything changes
+# ----------------------------------------------------------------------------------------------------
+
+
+def user_model(arch):
+    model = tiny_model(arch)
+    model.model.embed_tokens.weight.requires_grad = False  # the caller's own choice, which unload() must keep
+    return model
+
+
+@pytest.mark.parametrize("how", ["llama get_peft_model", "qwen2 get_peft_model", "llama PeftModel.from_pretrained"])
+def test_unload_restores_the_base_exactly(saved, how):
+    arch, entry = how.split(" ")
+    base = user_model(arch)
+    ids = torch.randint(4, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    before = state(base)
+    with torch.no_grad():
+        logits = base(ids).logits
+    if entry == "get_peft_model":
+        peft_model = randomize_adapter(get_peft_model(base, ouro_config()))
+    else:
+        peft_model = PeftModel.from_pretrained(base, saved)
+    with torch.no_grad():
+        assert not torch.equal(peft_model(ids).logits, logits)  # the adapter did change the model
+    unloaded = peft_model.unload()  # raised AttributeError: 'Qwen2Model' object has no attribute 'weight'
+    assert unloaded is base
+    untouched(base, before, logits, ids)
+    get_peft_model(base, ouro_config())  # and it can be adapted again
+
+
+@pytest.mark.parametrize("method", ["merge_and_unload", "merge_adapter"])
+def test_merging_is_refused_before_anything_changes(method):
+    model = randomize_adapter(get_peft_model(tiny_model("qwen2"), ouro_config()))
+    ids = torch.randint(4, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    before = state(model)
+    with torch.no_grad():
+        logits = model(ids).logits
+    with pytest.raises(ValueError, match=r"cannot be merged into the base weights: .*num_steps.*Nothing was changed.*unload\(\)"):
+        getattr(model, method)()
+    assert state(model)[:2] == before[:2] and all(torch.equal(state(model)[2][k], v) for k, v in before[2].items())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)
+
+
+# ----------------------------------------------------------------------------------------------------
+# every bad adapter_config.json / weights file named (issue 20 item 3)
+# ----------------------------------------------------------------------------------------------------
+
+
+def set_peft_type(value):
+    def damage(folder):
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        if value is KeyError:
+            del cfg["peft_type"]
+        else:
+            cfg["peft_type"] = value
+        (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    return damage
+
+
+def write_config(text):
+    def damage(folder):
+        (folder / "adapter_config.json").write_text(text)
+    return damage
+
+
+# damage -> what the error must say (the file is asserted separately)
+BAD_FILES = {
+    "peft_type LORA on an Ouroboros adapter": (set_peft_type("LORA"), r"peft_type is 'LORA', but the file holds an Ouroboros adapter's fields \(num_prelude_layers"),
+    "peft_type lowercase": (set_peft_type("ouroboros"), r"peft_type must be \"OUROBOROS\" exactly .*got 'ouroboros'"),
+    "peft_type missing": (set_peft_type(KeyError), r"has no peft_type field; .*set \"peft_type\": \"OUROBOROS\""),
+    "peft_type null": (set_peft_type(None), r"has peft_type null"),
+    "invalid JSON": (write_config('{"peft_type": "OUROBOROS", "r": 8,'), r"is not valid JSON: .* at line 1 column"),
+    "not UTF-8": (lambda folder: (folder / "adapter_config.json").write_bytes(b"\xff\xfe{}"), r"is not valid JSON \(not UTF-8"),
+    "a JSON list": (write_config("[1, 2]"), r"must hold a JSON object .*got a JSON list"),
+    "a pickled adapter_model.bin": (as_pickle, r"adapter_model.bin is a pickled PyTorch file"),
+}
+
+
+def refused_file(case):
+    return "adapter_model.bin" if "pickled" in case else "adapter_config.json"
+
+
+def load_config(folder):
+    from ouroboros_peft import OuroborosConfig
+
+    return OuroborosConfig.from_pretrained(str(folder))
+
+
+def lm_eval_source(folder, base):
+    """What `lm_eval --model ouroboros --model_args pretrained=BASE,peft=ADAPTER` runs: the config check, then the load."""
+    from ouroboros_lm_eval.model import load_ouroboros_adapter, resolve_source
+
+    resolve_source(str(base), peft=str(folder))
+    return load_ouroboros_adapter(tiny_model("llama"), str(folder))
+
+
+def evaluate_arm(folder, base):
+    from ouroboros_evaluate.evaluate import resolve_arm
+
+    return resolve_arm(folder)
+
+
+ENTRIES = {
+    "OuroborosConfig.from_pretrained": lambda folder, base: load_config(folder),
+    "lm-eval peft=": lm_eval_source,
+    "ouroboros eval": evaluate_arm,
+}
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_a_bad_adapter_file_is_named_by_our_entry_points(saved, base_dir, tmp_path, case, entry):
+    damage, message = BAD_FILES[case]
+    folder = tmp_path / "adapter"
+    shutil.copytree(saved, folder)
+    damage(folder)
+    with pytest.raises(ValueError, match=message) as info:
+        ENTRIES[entry](folder, base_dir)
+    assert str(folder / refused_file(case)) in str(info.value)
+
+
+# PeftModel.from_pretrained and transformers' load_adapter read peft_type inside PEFT before any Ouroboros code runs
+# (PeftConfig._get_peft_type / from_peft_type dispatch on it), so only the weights file is ours to name there; what
+# PEFT raises for the rest is pinned here, with the model untouched, and documented in docs/reliability.md.
+PEFT_OWN = {
+    "peft_type LORA on an Ouroboros adapter": TypeError,
+    "peft_type lowercase": KeyError,
+    "peft_type missing": (KeyError, TypeError),
+    "invalid JSON": json.JSONDecodeError,
+    "a pickled adapter_model.bin": ValueError,
+}
+
+
+@pytest.mark.parametrize("entry", ["PeftModel.from_pretrained", "load_adapter"])
+@pytest.mark.parametrize("case", list(PEFT_OWN))
+def test_peft_and_transformers_loaders_on_a_bad_file_leave_the_model_untouched(saved, tmp_path, case, entry):
+    damage, message = BAD_FILES[case]
+    folder = tmp_path / "adapter"
+    shutil.copytree(saved, folder)
+    damage(folder)
+    model = tiny_model("llama")
+    ids = torch.randint(4, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    before = state(model)
+    with torch.no_grad():
+        logits = model(ids).logits
+    with pytest.raises(PEFT_OWN[case]) as info:
+        PeftModel.from_pretrained(model, folder) if entry == "PeftModel.from_pretrained" else model.load_adapter(str(folder))
+    if PEFT_OWN[case] is ValueError:  # ours: named
+        assert str(folder / refused_file(case)) in str(info.value) and re.search(message, str(info.value))
+    untouched(model, before, logits, ids)
+
+
+# ----------------------------------------------------------------------------------------------------
+# save_pretrained(safe_serialization=False) is refused before any adapter file is written
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("folder_state", ["new folder", "over a saved adapter"])
+def test_saving_a_pickle_is_refused(saved, tmp_path, folder_state):
+    model = randomize_adapter(get_peft_model(tiny_model("llama"), ouro_config(num_steps=3, r=8)), seed=7)
+    folder = tmp_path / "adapter"
+    if folder_state == "over a saved adapter":
+        shutil.copytree(saved, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()} if folder.exists() else {}
+    with pytest.raises(ValueError, match=r"save_pretrained\(safe_serialization=False\) would write a pickled adapter_model.bin.*No adapter file was written"):
+        model.save_pretrained(folder, safe_serialization=False)
+    after = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert "adapter_model.bin" not in after and "adapter_config.json" not in set(after) - set(before)
+    assert {k: v for k, v in after.items() if k != "README.md"} == {k: v for k, v in before.items() if k != "README.md"}
+    model.save_pretrained(folder)  # the default still writes safetensors, which loads
+    PeftModel.from_pretrained(tiny_model("llama"), folder)
+
+
+@pytest.mark.parametrize("case", ["NaN in the gate", "missing norms", "config r 8 -> 4"])
+def test_transformers_load_adapter_checks_a_state_dict_passed_in_too(saved, tmp_path, case):
+    from peft import PeftConfig
+
+    damage, message = CASES[case]
+    folder = tmp_path / "adapter"
+    shutil.copytree(saved, folder)
+    damage(folder)
+    model = tiny_model("llama")
+    ids = torch.randint(4, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    before = state(model)
+    with torch.no_grad():
+        logits = model(ids).logits
+    config = PeftConfig.from_pretrained(str(folder))  # PEFT's generic loader: the config alone, no file to check
+    with pytest.raises(ValueError, match=rf"the adapter state dict does not match its adapter_config.json.*{message}"):
+        model.load_adapter(peft_config=config, adapter_state_dict=load_file(str(folder / WEIGHTS)))
+    untouched(model, before, logits, ids)
+
+
+@pytest.mark.parametrize("case", ["config num_steps 3 -> 5", "missing controller head", "NaN in a basis"])
+def test_peft_load_adapter_of_a_bad_second_adapter_leaves_the_model_untouched(saved, tmp_path, case):
+    """`PeftModel.load_adapter(d, name)` beside a loaded adapter: refused, the first adapter and its output kept."""
+    damage, message = CASES[case]
+    folder = tmp_path / "adapter"
+    shutil.copytree(saved, folder)
+    damage(folder)
+    model = PeftModel.from_pretrained(tiny_model("llama"), saved)
+    ids = torch.randint(4, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    before = state(model)
+    with torch.no_grad():
+        logits = model(ids).logits
+    with pytest.raises(ValueError, match=rf"{WEIGHTS} does not match its adapter_config.json.*{message}"):
+        model.load_adapter(str(folder), "second")
+    assert list(model.peft_config) == ["default"] and state(model)[:2] == before[:2]
+    assert all(torch.equal(state(model)[2][k], v) for k, v in before[2].items())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)

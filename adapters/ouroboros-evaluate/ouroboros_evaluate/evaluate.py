@@ -93,9 +93,9 @@ def resolve_arm(path) -> dict:
         run, adapter = (p.parent if (p.parent / "summary.json").is_file() else None), p
     else:
         raise FileNotFoundError(f"{p} is neither a training run folder (with adapter/) nor an adapter folder (with adapter_config.json)")
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    if config.get("peft_type") != "OUROBOROS":
-        raise ValueError(f"{adapter} is not an Ouroboros adapter (peft_type={config.get('peft_type')!r})")
+    from ouroboros_peft.config import read_adapter_config
+
+    config = read_adapter_config(adapter)  # valid JSON, peft_type "OUROBOROS", a safetensors weights file: else named
     summary = json.loads((run / "summary.json").read_text()) if run is not None and (run / "summary.json").is_file() else {}
     return {"adapter_dir": adapter, "run_dir": run, "config": config, "summary": summary,
             "log": read_log(run) if run is not None else []}

@@ -135,13 +135,18 @@ def resolve_source(pretrained: Any, peft: Any = None, num_steps: Any = None) -> 
         adapter_config = os.path.join(peft, "adapter_config.json")
         if not os.path.isdir(peft) or not os.path.isfile(adapter_config):
             raise ValueError(f"peft={peft} is not an adapter directory (expected {adapter_config})")
-        method = _read_json(adapter_config, "adapter config")
-        peft_type = method.get("peft_type")
-        if peft_type != "OUROBOROS":
+        from ouroboros_peft.config import NotAnOuroborosAdapter, read_adapter_config
+
+        try:  # invalid JSON, a missing, misspelt or edited peft_type: named with the file
+            method = read_adapter_config(peft, weights=False)
+        except NotAnOuroborosAdapter:
+            peft_type = _read_json(adapter_config, "adapter config").get("peft_type")
             raise ValueError(
                 f"peft={peft} is not an Ouroboros adapter (its peft_type is {peft_type!r}); "
                 "evaluate other PEFT adapters with --model hf"
-            )
+            ) from None
+        except ValueError as exc:
+            raise ValueError(f"peft={peft}: {exc}") from None
         expected = method.get("base_fingerprint") or {}
         diffs = [
             f"{key}: adapter has {expected[key]!r}, base has {config.get(key)!r}"

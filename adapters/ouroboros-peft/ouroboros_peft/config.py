@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -12,7 +13,10 @@ from ouroboros_plugins import OuroborosSpec
 
 from .registration import NAME, extend_peft_type
 
+CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"  # what PEFT writes with safe_serialization=False: never loaded here
+PEFT_TYPE = "OUROBOROS"
 
 
 @dataclass
@@ -36,16 +40,73 @@ class OuroborosConfig(PeftConfig, OuroborosSpec):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        """Load the config and, for a local adapter, check its weights file reads back completely *before*
-        the base model is touched, so a corrupt or truncated file leaves the model unchanged."""
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        """Load the config and, for a local adapter, check adapter_config.json (valid JSON, peft_type "OUROBOROS")
+        and that its weights file is safetensors and reads back completely *before* the base model is touched, so
+        a bad or truncated file leaves the model unchanged."""
         path = os.path.join(pretrained_model_name_or_path, subfolder or "")
         if os.path.isdir(path):
-            check_weights_file(os.path.join(path, WEIGHTS_NAME))
+            read_adapter_config(path)
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if os.path.isdir(path):
             # not a dataclass field (never saved): lets injection check every tensor against the adapter it builds,
             # before the model is changed
             config.weights_file = os.path.join(path, WEIGHTS_NAME)
         return config
+
+
+# Fields only an Ouroboros adapter's config has (r, lora_alpha and target_modules are LoRA's too): a file with them
+# whose peft_type is something else was edited, not written by another PEFT method.
+OUROBOROS_ONLY_FIELDS = tuple(f for f in (*OuroborosSpec.__dataclass_fields__, "base_fingerprint") if f not in ("r", "lora_alpha", "target_modules"))
+
+
+class NotAnOuroborosAdapter(ValueError):
+    """adapter_config.json of another PEFT method (its peft_type names it, and it has no Ouroboros fields)."""
+
+
+def check_peft_type(data: dict, path: str) -> None:
+    """Refuse a missing, misspelt or edited `peft_type` in the adapter config `data` read from `path`, with a
+    ValueError naming the file and the field (PEFT itself answers these with a KeyError or a TypeError from deep in
+    another tuner)."""
+    peft_type = data.get("peft_type")
+    if peft_type == PEFT_TYPE:
+        return
+    ours = [f for f in OUROBOROS_ONLY_FIELDS if f in data]
+    if "peft_type" not in data or peft_type is None:
+        what = "has no peft_type field" if "peft_type" not in data else "has peft_type null"
+        fix = (f'it holds an Ouroboros adapter\'s fields ({", ".join(ours[:4])}): set "peft_type": "{PEFT_TYPE}"' if ours
+               else "PEFT needs it to know which method wrote the adapter")
+        raise ValueError(f"{path} {what}; {fix}")
+    if isinstance(peft_type, str) and peft_type.strip().upper() == PEFT_TYPE:
+        raise ValueError(f'{path}: peft_type must be "{PEFT_TYPE}" exactly (PEFT matches it case-sensitively), got {peft_type!r}')
+    if ours:
+        raise ValueError(
+            f"{path}: peft_type is {peft_type!r}, but the file holds an Ouroboros adapter's fields ({', '.join(ours[:4])}); "
+            f'it was edited: set "peft_type" back to "{PEFT_TYPE}"'
+        )
+    raise NotAnOuroborosAdapter(f"{path} is not an Ouroboros adapter (peft_type={peft_type!r})")
+
+
+def read_adapter_config(folder, weights: bool = True) -> dict:
+    """The adapter_config.json of an Ouroboros adapter folder, checked before anything is built from it: present,
+    valid JSON, a JSON object, peft_type "OUROBOROS"; with `weights`, adapter_model.safetensors present (a pickled
+    adapter_model.bin is refused by name) and readable. Every error names the file (and the field)."""
+    folder = os.fspath(folder)
+    path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"adapter directory {folder} has no {CONFIG_NAME}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON (not UTF-8 text: {exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object (the adapter's fields), got a JSON {type(data).__name__}")
+    check_peft_type(data, path)
+    if weights:
+        check_weights_file(os.path.join(folder, WEIGHTS_NAME))
+    return data
 
 
 def check_weights_file(path: str) -> None:
@@ -53,6 +114,13 @@ def check_weights_file(path: str) -> None:
     from safetensors.torch import load_file
 
     if not os.path.isfile(path):
+        pickled = os.path.join(os.path.dirname(path), PICKLE_WEIGHTS_NAME)
+        if os.path.isfile(pickled):
+            raise ValueError(
+                f"{pickled} is a pickled PyTorch file (save_pretrained(safe_serialization=False)); Ouroboros adapters "
+                f"are loaded from {WEIGHTS_NAME} only and nothing here unpickles: save the adapter again with "
+                "save_pretrained(folder)"
+            )
         raise FileNotFoundError(f"no {WEIGHTS_NAME} at {os.path.dirname(path)} (Ouroboros adapters are saved as safetensors only)")
     try:
         load_file(path)
@@ -61,16 +129,24 @@ def check_weights_file(path: str) -> None:
 
 
 
-def check_adapter_weights(path: str, adapter) -> None:
-    """Every tensor of the adapter weights file at `path` against the adapter built from its config (names, shapes,
-    finite values), so a mismatch is refused before the model is touched. Raises ValueError naming the file, the
-    tensors and, for shape mismatches, the config fields that set them."""
+def check_adapter_weights(source, adapter) -> None:
+    """Every tensor of the adapter weights at `source` (a safetensors path, or a state dict in the same key format)
+    against the adapter built from its config (names, shapes, finite values), so a mismatch is refused before the
+    model is touched. Raises ValueError naming the file, the tensors and, for shape mismatches, the config fields
+    that set them."""
+    from contextlib import nullcontext
+
     from safetensors import safe_open
 
     marker = ".ouroboros_adapter."
     expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
     found, problems = {}, []
-    with safe_open(path, framework="pt") as f:
+    if isinstance(source, (str, os.PathLike)):
+        label, opened = os.fspath(source), safe_open(os.fspath(source), framework="pt")
+    else:
+        label, opened = "the adapter state dict", nullcontext(source)
+    with opened as f:
+        get = f.get_tensor if hasattr(f, "get_tensor") else f.__getitem__
         for key in f.keys():
             if marker not in key:
                 problems.append(f"unexpected tensor {key}")
@@ -80,7 +156,7 @@ def check_adapter_weights(path: str, adapter) -> None:
             if name not in expected:
                 problems.append(f"unexpected tensor {key}")
                 continue
-            tensor = f.get_tensor(key)
+            tensor = get(key)
             if tuple(tensor.shape) != expected[name]:
                 problems.append(f"{name} has shape {tuple(tensor.shape)}, the adapter config needs {expected[name]}")
             elif tensor.is_floating_point() and not bool(tensor.isfinite().all()):
@@ -89,6 +165,6 @@ def check_adapter_weights(path: str, adapter) -> None:
     if problems:
         shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
         raise ValueError(
-            f"{path} does not match its adapter_config.json (num_steps / max_steps, r, target_modules, modulation, "
+            f"{label} does not match its adapter_config.json (num_steps / max_steps, r, target_modules, modulation, "
             f"use_gate, coda_lora_r set the shapes): {shown}. Nothing was loaded; the model is unchanged"
         )

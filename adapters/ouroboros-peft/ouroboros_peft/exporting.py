@@ -7,14 +7,13 @@ end (`atomic_dir`), so a failed or killed export leaves OUT as it was, and never
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from ouroboros_plugins.atomic import atomic_dir
 
-from .config import WEIGHTS_NAME, check_weights_file
+from .config import read_adapter_config
 from .modeling import ARCHITECTURE, SPEC_FIELDS, OuroborosLMConfig
 
 DROP_KEYS = ("architectures", "model_type", "_name_or_path", "transformers_version", "auto_map", "num_hidden_layers", "layer_types")
@@ -43,13 +42,9 @@ def check_inputs(base_dir: Path, adapter_dir: Path, out_dir: Path, overwrite: bo
     check_out_dir(out_dir, {"base model": base_dir, "adapter": adapter_dir})
     if not (base_dir / "config.json").is_file():
         raise FileNotFoundError(f"base model directory {base_dir} has no config.json")
-    cfg_path = adapter_dir / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"adapter directory {adapter_dir} has no adapter_config.json")
-    adapter_cfg = json.loads(cfg_path.read_text())
-    if adapter_cfg.get("peft_type") != "OUROBOROS":
-        raise ValueError(f"{adapter_dir} is not an Ouroboros adapter (peft_type={adapter_cfg.get('peft_type')!r})")
-    check_weights_file(str(adapter_dir / WEIGHTS_NAME))
+    # adapter_config.json valid JSON with peft_type "OUROBOROS", adapter_model.safetensors (never a pickled .bin)
+    # complete; its tensors are checked against the config when PeftModel.from_pretrained builds the adapter
+    adapter_cfg = read_adapter_config(adapter_dir)
     if not any((base_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise FileNotFoundError(f"no tokenizer in {base_dir} (expected tokenizer.json, tokenizer.model or vocab.json)")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
