@@ -148,3 +148,119 @@ def test_plan_slots():
     assert plan.num_slots == 2 + 5 + 1
     assert [plan.step_slot(t) for t in range(5)] == [2, 3, 4, 5, 6] and plan.coda_slot(0) == 7
     assert math.isclose(OuroborosSpec(r=8, lora_alpha=16).scale, 2.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# one recurrence for every host: LowRank (the one "projection + low-rank delta") and recur() on a Host
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("names", [("q_proj",), ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")])
+@pytest.mark.parametrize("modulated", [True, False])
+def test_lowrank_group_equals_each_projection_on_its_own(names, modulated):
+    """The A of projections that share an input run as one matmul; each output gets exactly s * B (m * A x)."""
+    from ouroboros_plugins import Bases, LowRank, LowRankPath
+
+    torch.manual_seed(0)
+    bases = Bases({n: SHAPES[n] for n in names}, r=8)
+    for n in names:
+        d_out, d_in = SHAPES[n]
+        bases.set_pair(n, torch.randn(8, d_in), torch.randn(d_out, 8))
+    x = torch.randn(2, 5, 128)
+    m = {n: torch.randn(2, 5, 8) if modulated else None for n in names}
+    bases_out = {n: torch.randn(2, 5, SHAPES[n][0]) for n in names}
+    lowrank = LowRank({n: LowRankPath(*bases.pair(n), m[n]) for n in names}, 0.5, stack=bases.stacked_a)
+    got = lowrank.add(names, x, [bases_out[n] for n in names])
+    for n, y in zip(names, got):
+        a, b = bases.pair(n)
+        z = x @ a.t()
+        expected = bases_out[n] + 0.5 * ((z if m[n] is None else z * m[n]) @ b.t())
+        torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    # a projection without a path is passed through untouched
+    partial = LowRank({names[0]: LowRankPath(*bases.pair(names[0]), m[names[0]])}, 0.5)
+    outs = [bases_out[n] for n in names]
+    assert all(y is o for y, o in zip(partial.add(names, x, outs)[1:], outs[1:]))
+
+
+def test_stacked_bases_follow_in_place_changes():
+    """The stack of frozen A is kept between calls, but never outlives a change to a base (load, edit)."""
+    from ouroboros_plugins import Bases
+
+    bases = Bases({n: SHAPES[n] for n in ("q_proj", "k_proj")}, r=4)
+    first = bases.stacked_a(("q_proj", "k_proj"))
+    assert bases.stacked_a(("q_proj", "k_proj")) is first
+    bases.q_proj_A.add_(1.0)
+    again = bases.stacked_a(("q_proj", "k_proj"))
+    assert torch.equal(again[:4], bases.q_proj_A) and torch.equal(again[4:], bases.k_proj_A)
+
+
+def test_controller_heads_as_one_matmul_equal_each_head():
+    torch.manual_seed(0)
+    ctrl = Controller(32, ("q_proj", "v_proj", "down_proj"), r=4, rows=3, width=16, state_dim=24)
+    for head in ctrl.heads.values():
+        nn.init.normal_(head.weight)
+    pooled = torch.randn(2, 5, 32)
+    out = ctrl(pooled, 1)
+    state = ctrl.state_proj(pooled * torch.rsqrt(pooled.pow(2).mean(-1, keepdim=True) + 1e-6))
+    z = ctrl.mlp(torch.cat([state, ctrl.step_embed.weight[1].expand(2, 5, -1)], dim=-1))
+    for name, head in ctrl.heads.items():
+        torch.testing.assert_close(out[name], head(z))
+
+
+class RecordingHost:
+    """A `Host` on plain tensors [T, d]: a 'layer' is h + x W^T with a LowRank on the one projection 'q_proj'."""
+
+    def __init__(self, steps: int, coda: int, d: int = 16, reduce=None):
+        self.num_steps, self.num_coda, self.reduce = steps, coda, reduce
+        torch.manual_seed(1)
+        self.w = torch.randn(d, d) * 0.1
+        self.calls: list = []
+
+    def _layer(self, h, lowrank):
+        (y,) = [h @ self.w.t()] if lowrank is None else lowrank.add(("q_proj",), h, [h @ self.w.t()])
+        return h + y
+
+    def prelude(self, h):
+        self.calls.append(("prelude",))
+        return h * 2
+
+    def pooled(self, t, h):
+        self.calls.append(("pooled", t))
+        return h.float()
+
+    def recurrent(self, t, h, lowrank):
+        self.calls.append(("recurrent", t, lowrank.reduce is self.reduce))
+        return self._layer(h, lowrank)
+
+    def coda(self, k, h, lowrank=None):
+        self.calls.append(("coda", k, lowrank is not None and lowrank.reduce is self.reduce))
+        return self._layer(h, lowrank)
+
+    def final_norm(self, h):
+        self.calls.append(("final_norm",))
+        return h
+
+
+@pytest.mark.parametrize("modulation", ["controller", "static"])
+def test_recur_drives_any_host_in_order_and_hands_it_its_reduce(modulation):
+    """recur(): prelude, then for each step the host's pooling (Controller only) and recurrent layer, then each coda
+    layer with its LoRA, then the final norm; the host's tensor-parallel reduce reaches every LowRank (the
+    recurrent layer's and the coda LoRA's)."""
+    from ouroboros_plugins import OuroborosAdapter, recur
+
+    spec = OuroborosSpec(num_prelude_layers=1, num_coda_layers=2, num_steps=3, r=4, modulation=modulation,
+                         target_modules=["q_proj"], coda_lora_r=2)
+    adapter = OuroborosAdapter(spec, 16, {"q_proj": (16, 16)}, 1e-6)
+    reduced = []
+
+    def reduce(name, z):
+        reduced.append(name)
+        return z
+
+    host = RecordingHost(3, 2, reduce=reduce)
+    out = recur(adapter, host, torch.randn(5, 16))
+    steps = [c for c in host.calls if c[0] in ("pooled", "recurrent")]
+    expected_steps = [c for t in range(3) for c in ((("pooled", t),) if modulation == "controller" else ()) + (("recurrent", t, True),)]
+    assert host.calls[0] == ("prelude",) and steps == expected_steps
+    assert host.calls[-3:] == [("coda", 0, True), ("coda", 1, True), ("final_norm",)]
+    assert reduced.count("q_proj") == 3 + 2 and out.shape == (5, 16)

@@ -368,6 +368,16 @@ BAD_INPUTS = {
         {},
         r"missing tensors.*ouroboros\.coda_lora\.layers\.0\.up_proj_A",
     ),
+    "nan-adapter-tensor": (
+        dict(edit_tensors=lambda t: t.update({"ouroboros.gate.proj.weight": torch.full_like(t["ouroboros.gate.proj.weight"], float("nan"))})),
+        {},
+        r"NaN or inf values.*ouroboros\.gate\.proj\.weight",
+    ),
+    "inf-coda-lora-tensor": (
+        dict(edit_tensors=lambda t: t["ouroboros.coda_lora.layers.0.down_proj_B"].fill_(float("inf")), source=("qwen2", "token+coda_lora")),
+        {},
+        r"NaN or inf values.*ouroboros\.coda_lora\.layers\.0\.down_proj_B",
+    ),
     "sequence-mean": (
         dict(edit_config=lambda c: c.update(controller_pooling="sequence_mean")),
         {},
@@ -388,6 +398,81 @@ def test_bad_checkpoint_is_refused_at_load_naming_the_problem(work, case):
     path = corrupted(work, case, **edits)
     message = refused(path, **overrides)
     assert re.search(pattern, message, re.S), message[-2000:]
+
+
+# -- a third-party backbone plugin reaches vLLM too ---------------------------------------------------------
+
+MISTRAL_PLUGIN = textwrap.dedent('''
+    from ouroboros_plugins import hookimpl
+    from ouroboros_plugins.backbones import LlamaStyleBackbone
+
+    class Mistral(LlamaStyleBackbone):
+        name = "mistral"
+        model_types = ("mistral",)
+        vllm_layer = VLLM_LAYER
+
+    @hookimpl
+    def ouroboros_backbones():
+        return [Mistral()]
+''')
+
+MISTRAL_RUN = textwrap.dedent('''
+    import json, sys, torch
+    from pathlib import Path
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, MistralConfig
+    sys.path.insert(0, {tests!r})
+    from conftest import ouro_config, randomize_adapter, tiny_tokenizer
+    import test_vllm as tv
+
+    work = Path({work!r})
+    config = MistralConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=5,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=None, head_dim=32)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(work / "base")
+    tiny_tokenizer().save_pretrained(work / "base")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(work / "base"), ouro_config(num_steps=3, coda_lora_r=4))
+    randomize_adapter(model, seed=3, scale=0.1).save_pretrained(work / "adapter")
+    from ouroboros_peft import export
+    path = export(work / "base", work / "adapter", work / "export")
+    batch = tv.prompts()[:4]
+    expected = tv.hf_greedy(path, batch)
+    try:
+        llm = tv.engine(path)
+    except Exception as exc:
+        print("RESULT" + json.dumps(dict(refused=str(exc)[-1500:])))
+        sys.exit(0)
+    got, _ = tv.vllm_greedy(llm, batch)
+    tv.close(llm)
+    print("RESULT" + json.dumps(dict(expected=expected, got=got)))
+''')
+
+
+@pytest.mark.parametrize("layer", ["vllm.model_executor.models.llama:LlamaDecoderLayer", None])
+def test_third_party_backbone_plugin_is_served_by_vllm(work, tmp_path, layer):
+    """An installed plugin (entry point only, nothing in the core or in ouroboros_vllm names it) adds the Mistral
+    family: trained through PEFT, exported, and served by vLLM with transformers' greedy tokens, its decoder layer
+    the one the plugin names. A plugin that names no vLLM layer is refused at load, naming the field."""
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    (plugin / "mistralplug.py").write_text(MISTRAL_PLUGIN.replace("VLLM_LAYER", repr(layer)))
+    info = plugin / "mistralplug-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mistralplug\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[ouroboros_plugins]\nmistral = mistralplug\n")
+    tests = str(Path(__file__).resolve().parent)
+    script = MISTRAL_RUN.format(tests=tests, work=str(tmp_path))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(plugin), tests]))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT") :])
+    if layer is None:
+        assert re.search(r"base_model_type='mistral' is not supported by ouroboros-vllm.*\['llama', 'qwen2'\]", result["refused"]), result
+        return
+    assert "refused" not in result, result["refused"]
+    assert len({tuple(t) for t in result["expected"]}) == len(result["expected"]), "degenerate reference"
+    assert result["got"] == result["expected"]
 
 
 def test_engine_side_load_check_without_the_front_end_hook(work, monkeypatch):

@@ -108,12 +108,16 @@ def _parse_num_steps(value: Any) -> Optional[int]:
 
 
 def _check_pooling(method: dict, where: str) -> None:
-    if method.get("modulation", "controller") == "controller" and method.get("controller_pooling") == "sequence_mean":
-        raise ValueError(
-            f"{where} uses controller_pooling='sequence_mean', which lets every position read the whole sequence: "
-            "a context would see the continuation it is scored on, so lm-eval's loglikelihoods would be invalid. "
-            "Evaluate a checkpoint trained with controller_pooling='causal_mean' or 'token'."
-        )
+    """The core's one refusal of non-causal modulation (`OuroborosSpec.require_causal`), read off the config file."""
+    from ouroboros_plugins import OuroborosSpec
+
+    spec = OuroborosSpec(
+        modulation=method.get("modulation", "controller"), controller_pooling=method.get("controller_pooling", "causal_mean")
+    )
+    try:
+        spec.require_causal("be scored by lm-eval (a context would see the continuation it is scored on)")
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 def resolve_source(pretrained: Any, peft: Any = None, num_steps: Any = None) -> Source:
