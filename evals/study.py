@@ -23,6 +23,11 @@ Experiments
     equal_params  controller_tiny (Controller width 16, state 16: trainable parameters within 2 % of static's) beside
                 controller and static
     lr          controller and static at lr {5e-4, 1e-3, 2e-3, 4e-3} (--arms picks a subset)
+    quality     issue 19: controller and static with and without distillation from the full model (`_kd`: --distill,
+                weight and temperature from --distill-weight / --distill-temperature), controller with the coda LoRA
+                distilled, and the practitioner's baseline pruned_lora (the same 7 + 1 + 7 layers as a plain model with
+                a standard PEFT LoRA on all seven projections of every kept layer, rank matched to the controller
+                arm's trainable parameters within 5 %), with and without distillation (its teacher: the unpruned base)
 
 Example (the headline at the anchors' budget, 221 updates of 4 x 256 tokens):
     python evals/study.py headline --updates 221 --batch-size 4 --chunks 64 --save
@@ -61,24 +66,30 @@ def parse_split(text: str) -> dict:
 
 def check_arms(model_dir: Path, arms: dict, split: dict) -> None:
     """Resolve every arm's adapter config against the base model's layers and projection sizes before any training,
-    on the meta device (no weights loaded), so a bad split or rank stops the study at once, not at its fifth arm."""
+    on the meta device (no weights loaded), so a bad split or rank stops the study at once, not at its fifth arm.
+    A pruned_lora arm's LoRA rank is matched here too (within 5 % of the Ouroboros adapter its options describe)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ouroboros_evaluate.evaluate import pruned_plan
+    from ouroboros_train.pruned import pruned_lora_plan
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    for arm, (adapter_over, _) in arms.items():
+    for arm, (adapter_over, train_over) in arms.items():
         try:
             pruned_plan(model, {**split, **adapter_over})
+            if train_over.get("method") == "pruned_lora":
+                pruned_lora_plan(model, {**split, **adapter_over}, train_over.get("lora_r"))
         except ValueError as exc:
             raise SystemExit(f"arm {arm} does not fit the base model {model_dir}: {exc}")
 
 
-def experiments(with_static: bool) -> dict:
-    """experiment -> {arm: (adapter overrides, training overrides)}"""
+def experiments(with_static: bool, distill: dict | None = None) -> dict:
+    """experiment -> {arm: (adapter overrides, training overrides)}. distill: the training overrides of the
+    distilled (`_kd`) arms (default: --distill with the TrainConfig defaults)."""
+    kd = dict(distill=True, **(distill or {}))
     depth_rank = {}
     for depth in (1, 4, 8, 16):
         for rank in (8, 32, 64):
@@ -120,6 +131,16 @@ def experiments(with_static: bool) -> dict:
         "lr": {f"{kind}_lr{lr:g}": (over, dict(lr=lr))
                for kind, over in (("controller", {}), ("static", dict(modulation="static")))
                for lr in (5e-4, 1e-3, 2e-3, 4e-3)},
+        "quality": {
+            "controller": ({}, {}),
+            "static": (dict(modulation="static"), {}),
+            "controller_kd": ({}, dict(kd)),
+            "static_kd": (dict(modulation="static"), dict(kd)),
+            "controller_coda_r8_kd": (dict(coda_lora_r=8), dict(kd)),
+            # the adapter options (the split; the controller arm's defaults) set the parameter budget the LoRA matches
+            "pruned_lora": ({}, dict(method="pruned_lora")),
+            "pruned_lora_kd": ({}, dict(method="pruned_lora", **kd)),
+        },
     }
 
 
@@ -184,6 +205,10 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=0, help="periodic held-out evaluation during training (0 = off)")
     ap.add_argument("--eval-chunks", type=int, default=4)
     ap.add_argument("--with-static", action="store_true", help="depth_rank: also train the static arm at every point")
+    ap.add_argument("--distill-weight", type=float, default=None,
+                    help="quality: W of the distilled (_kd) arms, loss = (1 - W) * CE + W * T^2 * KL (default 0.5)")
+    ap.add_argument("--distill-temperature", type=float, default=None,
+                    help="quality: T of the distilled (_kd) arms (default 1.0)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--resume", action="store_true", help="continue interrupted arms, skip finished ones")
     ap.add_argument("--train-only", action="store_true",
@@ -200,7 +225,17 @@ def main(argv=None) -> int:
     from ouroboros_evaluate.evaluate import evaluate, markdown_table
     from ouroboros_train.train import TrainConfig, last_checkpoint, train
 
-    arms = experiments(args.with_static)[args.experiment]
+    distill = {k: v for k, v in (("distill_weight", args.distill_weight), ("distill_temperature", args.distill_temperature))
+               if v is not None}
+    if distill:  # checked before anything else: a bad value names its flag
+        from ouroboros_train.distill import check_distill_settings
+
+        try:
+            check_distill_settings(distill.get("distill_weight", 0.5), distill.get("distill_temperature", 1.0),
+                                   names=("--distill-weight", "--distill-temperature"))
+        except ValueError as exc:
+            ap.error(str(exc))
+    arms = experiments(args.with_static, distill)[args.experiment]
     if args.arms:
         wanted = [a.strip() for a in args.arms.split(",") if a.strip()]
         unknown = [a for a in wanted if a not in arms]

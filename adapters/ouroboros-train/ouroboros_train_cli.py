@@ -39,6 +39,13 @@ def cmd_train(args) -> int:
         if not stored.is_file():
             raise FileNotFoundError(f"nothing to resume: {stored} does not exist")
         cfg = TrainConfig.from_json(read_json(stored))
+        # the loss is the run's: a distillation flag that contradicts it is refused rather than ignored
+        for flag, name in (("--distill", "distill"), ("--distill-weight", "distill_weight"),
+                           ("--distill-temperature", "distill_temperature"), ("--method", "method"), ("--lora-r", "lora_r")):
+            asked = getattr(args, name)
+            if asked is not None and asked != getattr(cfg, name):
+                raise ValueError(f"{flag}: the run in {args.out} was trained with {name} = {getattr(cfg, name)!r}, asked "
+                                 f"{asked!r}; --resume continues a run with its own settings")
         cfg.out = args.out  # the folder given now, also when the run was moved or copied
         if args.threads:  # a runtime setting, not a training one: a run may continue on another machine
             cfg.threads = args.threads
@@ -53,6 +60,11 @@ def cmd_train(args) -> int:
                 depth_range = (int(lo), int(hi))
             except ValueError:
                 raise ValueError(f"--sample-depth must look like LO:HI, got {args.sample_depth!r}") from None
+        for flag, value in (("--distill-weight", args.distill_weight), ("--distill-temperature", args.distill_temperature)):
+            if value is not None and not args.distill:
+                raise ValueError(f"{flag} sets the distillation loss: give --distill too")
+        if args.lora_r is not None and args.method != "pruned_lora":
+            raise ValueError("--lora-r is the rank of --method pruned_lora (an Ouroboros adapter's rank is --rank)")
         cfg = TrainConfig(
             base=args.base,
             out=args.out,
@@ -79,6 +91,11 @@ def cmd_train(args) -> int:
             keep_checkpoints=args.keep_checkpoints or 2,
             progress=not args.no_progress,
             threads=args.threads,
+            method=args.method or "ouroboros",
+            lora_r=args.lora_r,
+            distill=bool(args.distill),
+            distill_weight=0.5 if args.distill_weight is None else args.distill_weight,
+            distill_temperature=1.0 if args.distill_temperature is None else args.distill_temperature,
         )
     try:
         result = train(cfg, overwrite=args.overwrite, resume=args.resume)
@@ -117,6 +134,19 @@ def ouroboros_register_commands(subparsers):
     g.add_argument("--pooling", choices=["causal_mean", "token", "sequence_mean"], default="causal_mean")
     g.add_argument("--no-gate", action="store_true", help="h' = n: the no-gate ablation")
     g.add_argument("--coda-lora-r", type=int, default=0, help="rank of a trainable LoRA on the coda layers (0 = none, the paper)")
+    g = p.add_argument_group("method and loss")
+    g.add_argument("--method", choices=["ouroboros", "pruned_lora"], default=None,
+                   help="ouroboros (default): the adapter above. pruned_lora: the practitioner's baseline, the same prelude + "
+                   "recurrent layer once + coda as a plain model with a standard PEFT LoRA on all seven projections of every "
+                   "kept layer, rank matched (within 5 %%) to the trainable parameters of the Ouroboros adapter the options "
+                   "above describe")
+    g.add_argument("--lora-r", type=int, default=None, help="pruned_lora: one LoRA rank for every kept layer instead of the matched one")
+    g.add_argument("--distill", action="store_true", default=None,
+                   help="distil from the full model: loss = (1 - W) * CE + W * T^2 * KL(full || trained) on the next-token "
+                   "distributions; the teacher is the same model with the adapter disabled (pruned_lora: the unpruned base)")
+    g.add_argument("--distill-weight", type=float, default=None, metavar="W", help="W in [0, 1] (default 0.5; with --distill)")
+    g.add_argument("--distill-temperature", type=float, default=None, metavar="T",
+                   help="softmax temperature of both distributions, > 0; the KL is scaled by T^2 (default 1.0; with --distill)")
     g = p.add_argument_group("training")
     g.add_argument("--train-text", default=None, help="text file or folder (default: the Python docs training split)")
     g.add_argument("--seq-len", type=int, default=256)

@@ -4,7 +4,9 @@ Arms
     full        the unmodified base model
     pruned      prelude + the recurrent layer once + coda, untrained, no gate or step norm (the plain pretrained
                 layers run through the host model itself with the removed layers taken out)
-    <trained>   any Ouroboros adapter: conventionally `static`, `controller`, `no_gate` (more are allowed)
+    <trained>   any Ouroboros adapter: conventionally `static`, `controller`, `no_gate` (more are allowed); or a
+                pruned_lora run (`ouroboros train --method pruned_lora`): the same kept layers as `pruned` with a
+                standard PEFT LoRA, scored as the pruned stack it was trained as
 
 Metric: mean next-token NLL over the held-out manifest's chunks (`data.heldout_nll`), perplexity = exp(NLL),
 gap recovery = (L_pruned - L_arm) / (L_pruned - L_full) per corpus.
@@ -93,11 +95,29 @@ def resolve_arm(path) -> dict:
         run, adapter = (p.parent if (p.parent / "summary.json").is_file() else None), p
     else:
         raise FileNotFoundError(f"{p} is neither a training run folder (with adapter/) nor an adapter folder (with adapter_config.json)")
-    from ouroboros_peft.config import read_adapter_config
+    from ouroboros_train.pruned import is_pruned_lora, read_stack_record
 
-    config = read_adapter_config(adapter)  # valid JSON, peft_type "OUROBOROS", a safetensors weights file: else named
+    kind = "ouroboros"
+    if is_pruned_lora(adapter):  # the practitioner's baseline: a LoRA adapter plus the kept layers
+        kind = "pruned_lora"
+        plan = read_stack_record(adapter)["plan"]
+        try:
+            peft_type = json.loads((adapter / "adapter_config.json").read_text()).get("peft_type")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+            raise ValueError(f"{adapter / 'adapter_config.json'} is not a readable JSON object ({exc})") from None
+        if peft_type != "LORA":
+            raise ValueError(f"{adapter / 'adapter_config.json'}: a pruned_lora adapter has peft_type 'LORA', this one {peft_type!r}")
+        if not (adapter / "adapter_model.safetensors").is_file():
+            raise FileNotFoundError(f"{adapter} has no adapter_model.safetensors")
+        # the split, for the shared pruned reference (r 1: the reference plan checks no rank)
+        config = {"num_prelude_layers": plan.num_prelude_layers, "num_coda_layers": plan.num_coda_layers,
+                  "recurrent_layer_index": plan.recurrent_layer_index, "r": 1}
+    else:
+        from ouroboros_peft.config import read_adapter_config
+
+        config = read_adapter_config(adapter)  # valid JSON, peft_type "OUROBOROS", a safetensors weights file: else named
     summary = json.loads((run / "summary.json").read_text()) if run is not None and (run / "summary.json").is_file() else {}
-    return {"adapter_dir": adapter, "run_dir": run, "config": config, "summary": summary,
+    return {"adapter_dir": adapter, "run_dir": run, "config": config, "summary": summary, "kind": kind,
             "log": read_log(run) if run is not None else []}
 
 
@@ -119,10 +139,11 @@ def adapter_diagnostics(peft_model, chunks: torch.Tensor, batch_size: int = 4) -
     current = {"step": 0}
     original = adapter.modulation
 
-    def modulation(h, step, valid, state):
-        m = original(h, step, valid, state)
+    def modulation(pooled, step):  # OuroborosAdapter.modulation(pooled, step); pooled is None for static modulation
+        m = original(pooled, step)
         current["step"] = step
-        parts = [v.float().expand(*h.shape[:-1], v.shape[-1]) for v in m.values()]
+        lead = pooled.shape[:-1] if pooled is not None else ()  # static: one vector per step, the same for every token
+        parts = [v.float().expand(*lead, v.shape[-1]) for v in m.values()]
         norms = torch.cat(parts, dim=-1).norm(dim=-1)
         sums["modulation_norm"][step] += float(norms.sum())
         counts["modulation_norm"][step] += norms.numel()
@@ -180,7 +201,7 @@ def _reference_key(base_dir: Path, split: tuple, chunks: Mapping[str, torch.Tens
 def _arm_key(reference_key: str, adapter_dir: Path, diagnostics_chunks: int) -> str:
     """The reference key (model, split, exact tokens) + the adapter's exact bytes (config and weights)."""
     digest = hashlib.sha256(f"{reference_key}:{diagnostics_chunks}".encode())
-    for f in [adapter_dir / "adapter_config.json"] + sorted(adapter_dir.glob("*.safetensors")):
+    for f in [adapter_dir / "adapter_config.json"] + sorted(adapter_dir.glob("*.safetensors")) + sorted(adapter_dir.glob("pruned_stack.json")):
         digest.update(f.name.encode())
         digest.update(f.read_bytes())
     return digest.hexdigest()[:24]
@@ -239,6 +260,15 @@ def _arm_nlls(name: str, r: dict, base: str, model, chunks, arm_file: Optional[P
         return json.loads(arm_file.read_text()), True
     if model is None:
         model, _, _ = load_base(base)
+    if r.get("kind") == "pruned_lora":
+        from ouroboros_train.pruned import load_pruned_lora, lora_trainable_params
+
+        peft_model = load_pruned_lora(model, r["adapter_dir"])  # runs the kept layers with their LoRA
+        hit = {"trainable_params": lora_trainable_params(peft_model)}
+        hit["nll"], hit["eval_seconds"] = _eval_corpora(peft_model, chunks, name, progress)
+        if arm_file is not None:
+            write_json(arm_file, {**hit, "adapter": str(r["adapter_dir"]), "n_chunks": n_chunks}, sort_keys=True)
+        return hit, False
     peft_model = PeftModel.from_pretrained(model, str(r["adapter_dir"]))
     peft_model.eval()
     adapter = peft_model.base_model.model.model.ouroboros_adapter["default"]

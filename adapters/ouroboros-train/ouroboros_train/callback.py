@@ -73,7 +73,28 @@ def gather_first_batch(batch: dict) -> tuple[torch.Tensor, Optional[torch.Tensor
     return ids, (None if bool(mask.all()) else mask)
 
 
-class OuroborosCallback(TrainerCallback):
+class DivergenceCallback(TrainerCallback):
+    """The divergence stop alone, for any PEFT model (what `OuroborosCallback` does before each optimizer step): a
+    NaN/inf gradient raises `TrainingDiverged` naming the update and the last checkpoint, before the optimizer
+    applies it; the verdict is agreed across processes."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.requires_grad and p.grad is not None)
+        flag = torch.tensor(1.0 if finite else 0.0)
+        world, _ = _world()
+        if world > 1:  # gradients are already reduced under DDP; sharded ones (FSDP) are not: agree on the verdict
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        if flag.item() < 1.0:
+            checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) \
+                if args.output_dir and Path(args.output_dir).is_dir() else []
+            last = checkpoints[-1] if checkpoints else "none written yet"
+            raise TrainingDiverged(
+                f"the loss or gradient became NaN/inf at update {state.global_step + 1}; training stopped before the "
+                f"optimizer applied it. Last good checkpoint: {last}. Try a lower learning rate."
+            )
+
+
+class OuroborosCallback(DivergenceCallback):
     """Calibration, depth sampling and divergence stop for `transformers.Trainer` (see the module docstring).
 
     calibrate: calibrate the step norms on the first batch of a fresh run. depth_range: (lo, hi) to sample the
@@ -126,21 +147,6 @@ class OuroborosCallback(TrainerCallback):
         seed = args.seed if self.seed is None else self.seed
         self.depth = depth_at(state.global_step, seed, self.depth_range, self._plan.num_steps)
         decoder.plans[name] = dataclasses.replace(self._plan, num_steps=self.depth)
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.requires_grad and p.grad is not None)
-        flag = torch.tensor(1.0 if finite else 0.0)
-        world, _ = _world()
-        if world > 1:  # gradients are already reduced under DDP; sharded ones (FSDP) are not: agree on the verdict
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        if flag.item() < 1.0:
-            checkpoints = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) \
-                if args.output_dir and Path(args.output_dir).is_dir() else []
-            last = checkpoints[-1] if checkpoints else "none written yet"
-            raise TrainingDiverged(
-                f"the loss or gradient became NaN/inf at update {state.global_step + 1}; training stopped before the "
-                f"optimizer applied it. Last good checkpoint: {last}. Try a lower learning rate."
-            )
 
     def restore_depth(self, model) -> None:
         """Put back the adapter's own depth (after training, or to evaluate between updates)."""

@@ -9,6 +9,11 @@ autocast, clipping, several processes) is Trainer's; this module adds what is Ou
       epoch; the dataset is that order (Trainer samples it sequentially), so the global batch and its order do not
       depend on the number of processes (``batch_size`` is per process, as in Trainer) and a resume continues it.
     * `OuroborosCallback`: calibration on the global first batch, per-update depth sampling, divergence stop.
+    * ``distill=True``: the loss mixes the cross-entropy with the KL from the full model (the same model with the
+      adapter disabled; `distill.OuroborosDistillTrainer`).
+    * ``method="pruned_lora"``: the practitioner's baseline instead of an Ouroboros adapter (`pruned`): the same
+      prelude + recurrent layer once + coda as a plain model with a standard PEFT LoRA, rank matched to the
+      Ouroboros adapter ``adapter`` describes; its distillation teacher is the whole unpruned base.
     * Several processes (``torchrun --nproc-per-node N --no-python ouroboros train ...``): only rank 0 writes
       the run folder; every rank ends with the same adapter.
     * Bad input (missing/corrupt model, too little text, seq_len over the model's limit, a split/rank/depth
@@ -45,7 +50,7 @@ from ouroboros_plugins.atomic import atomic_dir, write_json, write_jsonl
 
 from ouroboros_peft.calibration import active_ouroboros, calibrate_step_norms
 
-from .callback import OuroborosCallback, TrainingDiverged, depth_at
+from .callback import DivergenceCallback, OuroborosCallback, TrainingDiverged, depth_at
 from .run_folder import (DiskFull, checkpoint_problem, checkpoints, is_disk_full, last_checkpoint, read_json, read_log,
                          resume_checkpoint)
 
@@ -68,6 +73,7 @@ ADAPTER_DEFAULTS = dict(num_prelude_layers=7, num_coda_layers=7, num_steps=4, r=
 # Settings a resumed run may change: bookkeeping and the CPU thread count (a run may continue on another machine or
 # beside another job; the loss curve then matches to float rounding, not bit for bit). Everything else must match.
 RESUME_FREE_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_chunks", "progress", "threads")
+METHODS = ("ouroboros", "pruned_lora")
 
 
 @dataclass
@@ -120,6 +126,26 @@ class TrainConfig:
     log_every: int = 1
     progress: bool = True
     threads: Optional[int] = None
+    method: str = field(
+        default="ouroboros",
+        metadata={"help": "'ouroboros' (the adapter `adapter` describes) or 'pruned_lora' (the practitioner's baseline: the "
+                  "same prelude + recurrent layer once + coda as a plain model with a standard PEFT LoRA on all seven "
+                  "projections of every kept layer, rank matched to the trainable parameters of the Ouroboros adapter "
+                  "`adapter` describes, within 5 %)"},
+    )
+    lora_r: Optional[int] = field(
+        default=None,
+        metadata={"help": "pruned_lora only: one LoRA rank for every kept layer instead of the matched one"},
+    )
+    distill: bool = field(
+        default=False,
+        metadata={"help": "mix the cross-entropy with KL(full model || trained model) on the next-token distributions; "
+                  "the teacher is the same model with the adapter disabled (pruned_lora: the whole unpruned base)"},
+    )
+    distill_weight: float = field(
+        default=0.5, metadata={"help": "w in loss = (1 - w) * CE + w * T^2 * KL, in [0, 1] (with distill)"})
+    distill_temperature: float = field(
+        default=1.0, metadata={"help": "T: both distributions are softmax(logits / T); the KL is scaled by T^2 (with distill)"})
     world_size: int = field(
         default=1,
         metadata={"help": "processes the run was started with (set by train() from the launcher's environment; a resume "
@@ -154,6 +180,22 @@ class TrainConfig:
             lo, hi = self.depth_range
             if lo < 1 or hi < lo:
                 raise ValueError(f"depth_range must be (lo, hi) with 1 <= lo <= hi, got {self.depth_range}")
+        from .distill import check_distill_settings
+
+        if not isinstance(self.distill, bool):
+            raise ValueError(f"distill must be True or False, got {self.distill!r}")
+        check_distill_settings(self.distill_weight, self.distill_temperature,
+                               names=("distill_weight (--distill-weight)", "distill_temperature (--distill-temperature)"))
+        self.distill_weight, self.distill_temperature = float(self.distill_weight), float(self.distill_temperature)
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
+        if self.method == "pruned_lora":
+            if self.depth_range is not None:
+                raise ValueError("depth_range (--sample-depth) needs an Ouroboros adapter; method pruned_lora has no recurrence")
+            if self.lora_r is not None and (isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 1):
+                raise ValueError(f"lora_r (--lora-r) must be an integer >= 1 or None (matched), got {self.lora_r!r}")
+        elif self.lora_r is not None:
+            raise ValueError("lora_r (--lora-r) is the rank of method pruned_lora; an Ouroboros adapter's rank is adapter r (--rank)")
 
     @property
     def sequences_per_update(self) -> int:
@@ -367,6 +409,10 @@ class SequenceWindows(torch.utils.data.Dataset):
 def _save_adapter(model, out: Path) -> None:
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp))
+        if getattr(model, "pruned_lora_plan", None) is not None:
+            from .pruned import save_stack_record
+
+            save_stack_record(model, tmp)
 
 
 def _prepare_run_dir(cfg: TrainConfig, overwrite: bool, resume: bool) -> Path:
@@ -470,7 +516,7 @@ class RunFolderCallback(TrainerCallback):
     """Writes the run folder's log.jsonl (rank 0), times each update, runs the periodic held-out evaluation and
     calls `on_update(update, loss)` after each update's log record (raising from it interrupts the run)."""
 
-    def __init__(self, cfg: TrainConfig, run: Path, ouroboros: OuroborosCallback, heldout: dict, is_main: bool,
+    def __init__(self, cfg: TrainConfig, run: Path, ouroboros: Optional[OuroborosCallback], heldout: dict, is_main: bool,
                  on_update: Optional[Callable[[int, float], None]]):
         self.cfg, self.run, self.ouroboros, self.heldout, self.is_main, self.on_update = cfg, run, ouroboros, heldout, is_main, on_update
         self.step_times: list[float] = []
@@ -488,8 +534,10 @@ class RunFolderCallback(TrainerCallback):
         self.step_times.append(dt)
         loss = float(logs["loss"])
         record = {"kind": "train", "update": update, "loss": loss, "lr": logs.get("learning_rate"),
-                  "depth": self.ouroboros.depth, "grad_norm": logs.get("grad_norm"),
+                  "depth": self.ouroboros.depth if self.ouroboros is not None else None, "grad_norm": logs.get("grad_norm"),
                   "tokens": update * self.cfg.tokens_per_update, "step_s": dt}
+        if "distill_ce" in logs:  # the two terms of the distillation loss (per-target means, rank 0's share)
+            record["ce"], record["kl"] = logs["distill_ce"], logs["distill_kl"]
         rows = [record]
         if self.cfg.eval_every and self.is_main and (update % self.cfg.eval_every == 0 or update == self.cfg.max_updates):
             rows.append({"kind": "eval", "update": update, "tokens": record["tokens"], "heldout": self.evaluate(model)})
@@ -505,6 +553,13 @@ class RunFolderCallback(TrainerCallback):
         """Held-out NLL per corpus at the trained depth (not this update's sampled one)."""
         from .data import heldout_nll
 
+        if self.ouroboros is None:  # pruned_lora: the model runs its pruned stack on every forward
+            model.eval()
+            try:
+                return {c: heldout_nll(lambda ids: model(input_ids=ids, use_cache=False).logits, chunks, batch_size=8)
+                        for c, chunks in self.heldout.items()}
+            finally:
+                model.train()
         decoder, name = active_ouroboros(model)
         sampled = decoder.plans[name]
         self.ouroboros.restore_depth(model)
@@ -527,9 +582,14 @@ def _build(cfg: TrainConfig, base_model, tokenizer):
         base_model, tokenizer, _ = load_base(cfg.base)
     _check_against_model(cfg, base_model)
     torch.manual_seed(cfg.seed)
-    model = build_model(base_model, cfg.adapter)
+    if cfg.method == "pruned_lora":
+        from .pruned import build_pruned_lora
+
+        model = build_pruned_lora(base_model, cfg.adapter, cfg.lora_r)
+    else:
+        model = build_model(base_model, cfg.adapter)
     spec = model.peft_config["default"]
-    if cfg.depth_range is not None and cfg.depth_range[1] > spec.rows:
+    if cfg.method == "ouroboros" and cfg.depth_range is not None and cfg.depth_range[1] > spec.rows:
         raise ValueError(
             f"depth_range {cfg.depth_range} goes deeper than the adapter's per-step tables ({spec.rows} rows); "
             f"set max_steps >= {cfg.depth_range[1]} in the adapter options"
@@ -556,6 +616,9 @@ def _summary(cfg: TrainConfig, run: Path, model, log: RunFolderCallback, wall_s:
         "final_train_loss": next((r["loss"] for r in reversed(read_log(run)) if r["kind"] == "train"), None),
         "resumed_from_update": start_update,
         "adapter": dict(cfg.adapter),
+        "method": cfg.method,
+        **({"pruned_lora": model.pruned_lora_plan.to_json()} if getattr(model, "pruned_lora_plan", None) is not None else {}),
+        "distill": ({"weight": cfg.distill_weight, "temperature": cfg.distill_temperature} if cfg.distill else None),
         "torch_threads": torch.get_num_threads(),
         "world_size": cfg.world_size,
     }
@@ -604,11 +667,21 @@ def train(
         raise RuntimeError("trainable parameters must be fp32")
 
     dataset = SequenceWindows(stream, cfg)
-    global_first = torch.stack([dataset[p]["input_ids"] for p in range(cfg.batch_size * cfg.world_size)])
-    ouroboros = OuroborosCallback(calibrate=cfg.calibrate_norms, depth_range=cfg.depth_range, seed=cfg.seed,
-                                  calibration_batch=global_first)
+    if cfg.method == "ouroboros":
+        global_first = torch.stack([dataset[p]["input_ids"] for p in range(cfg.batch_size * cfg.world_size)])
+        ouroboros = OuroborosCallback(calibrate=cfg.calibrate_norms, depth_range=cfg.depth_range, seed=cfg.seed,
+                                      calibration_batch=global_first)
+        stop = ouroboros
+    else:  # pruned_lora: no recurrence to calibrate or sample; the divergence stop alone
+        ouroboros, stop = None, DivergenceCallback()
     log = RunFolderCallback(cfg, run, ouroboros, heldout, is_main, on_update)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[ouroboros, log])
+    if cfg.distill:
+        from .distill import OuroborosDistillTrainer
+
+        trainer = OuroborosDistillTrainer(model=model, args=args, train_dataset=dataset, callbacks=[stop, log],
+                                          distill_weight=cfg.distill_weight, distill_temperature=cfg.distill_temperature)
+    else:
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[stop, log])
     if not cfg.progress:
         from transformers.trainer_callback import PrinterCallback
 
@@ -628,7 +701,8 @@ def train(
             f"{last}. Free space, then --resume"
         ) from exc
     finally:
-        ouroboros.restore_depth(model)  # also when training stopped early
+        if ouroboros is not None:
+            ouroboros.restore_depth(model)  # also when training stopped early
     wall_s = elapsed_before + time.perf_counter() - t0
     model.eval()
     summary = _summary(cfg, run, model, log, wall_s, start_update)
