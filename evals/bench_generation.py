@@ -8,6 +8,7 @@
 
     python evals/bench_generation.py --out evals/results/generation.json            # tiny + default model
     python evals/bench_generation.py --models tiny --out /tmp/gen.json             # quick
+    python evals/bench_generation.py --models default --parts overhead --out evals/results/step_overhead.json
 
 Writes JSON and prints a markdown table (docs/performance.md records it).
 """
@@ -138,10 +139,12 @@ def main(argv=None) -> int:
     parser.add_argument("--num-steps", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=15, help="interleaved plain/Ouroboros sample pairs")
+    parser.add_argument("--parts", default="decode,overhead", help="comma list of decode,overhead")
     parser.add_argument("--out", default=str(HERE / "results" / "generation.json"))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     results = {"machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}",
+               "load_average_before": round(os.getloadavg()[0], 2),
                "command": "python evals/bench_generation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "num_steps": args.num_steps, "new_tokens": args.new_tokens, "models": {}}
     for name in args.models.split(","):
@@ -149,7 +152,7 @@ def main(argv=None) -> int:
         vocab = model.config.vocab_size
         entry = {"decode": {}, "base_decode": {}, "overhead": {}}
         repeats = 3 if name == "tiny" else 1
-        for batch in (1, 8):
+        for batch in (1, 8) if "decode" in args.parts else ():
             entry["decode"][f"batch{batch}"] = decode_throughput(model, batch, args.new_tokens, 16, vocab, repeats)
             print(name, "decode batch", batch, json.dumps(entry["decode"][f"batch{batch}"]), flush=True)
             # Reference: the unmodified base model (all its layers, transformers' own code) under the same
@@ -158,8 +161,9 @@ def main(argv=None) -> int:
                 entry["base_decode"][f"batch{batch}"] = decode_throughput(model, batch, args.new_tokens, 16, vocab, repeats)
             print(name, "base model decode batch", batch, json.dumps(entry["base_decode"][f"batch{batch}"]), flush=True)
         seq = 256 if name == "default" else 128
-        entry["overhead"] = recurrence_overhead(model, 1, seq, vocab, args.repeats)
-        print(name, "overhead", json.dumps(entry["overhead"]), flush=True)
+        if "overhead" in args.parts:
+            entry["overhead"] = recurrence_overhead(model, 1, seq, vocab, args.repeats)
+            print(name, "overhead", json.dumps(entry["overhead"]), flush=True)
         results["models"][name] = entry
         write_json(Path(args.out), results)  # after every model, so a long run keeps what it measured
     print("\n| model | batch | cached tok/s | uncached tok/s | speedup (target >= 10x) | base model (all layers, no adapter): cached / uncached tok/s, speedup |")
@@ -173,6 +177,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     for name, entry in results["models"].items():
         o = entry["overhead"]
+        if not o:
+            continue
         print(f"| {name} | {o['layer_applications']} | {o['plain_seconds'] * 1e3:.1f} | {o['ouroboros_seconds'] * 1e3:.1f} | "
               f"{o['ratio']:.3f} ({o['ratio_min']:.3f}-{o['ratio_max']:.3f}) |")
     return 0

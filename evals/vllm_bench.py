@@ -39,7 +39,7 @@ def setup_env(work: Path) -> None:
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
 
-def build_export(work: Path, base_dir: str | None) -> tuple[Path, dict]:
+def build_export(work: Path, base_dir: str | None, pooling: str = "causal_mean") -> tuple[Path, dict]:
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
@@ -49,7 +49,7 @@ def build_export(work: Path, base_dir: str | None) -> tuple[Path, dict]:
     from ouroboros_peft import export
 
     base_dir = base_dir or str(default_model_dir())
-    settings = dict(num_prelude_layers=7, num_coda_layers=7, num_steps=4, r=32)
+    settings = dict(num_prelude_layers=7, num_coda_layers=7, num_steps=4, r=32, controller_pooling=pooling)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), OuroborosConfig(**settings))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -58,7 +58,7 @@ def build_export(work: Path, base_dir: str | None) -> tuple[Path, dict]:
     adapter = work / "adapter"
     model.save_pretrained(adapter)
     out = export(base_dir, adapter, work / "export")
-    return out, dict(base=base_dir, **settings, modulation="controller", controller_pooling="causal_mean")
+    return out, dict(base=base_dir, **settings, modulation="controller")
 
 
 def make_prompts(count: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
