@@ -50,9 +50,12 @@ def main(argv=None) -> int:
 
     adapter = args.adapter
 
-    def logits(dtype, stream, full=False):
+    def logits(dtype, stream, full=False, exported=None):
         recurrence.RECURRENCE_DTYPE = stream
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), adapter).eval()
+        if exported is not None:  # the standalone exported model (`ouroboros export`), which computes fp32 logits
+            model = AutoModelForCausalLM.from_pretrained(exported, dtype=dtype).eval()
+        else:
+            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), adapter).eval()
         t0 = time.perf_counter()
         with torch.no_grad(), (model.disable_adapter() if full else contextlib.nullcontext()):
             out = torch.cat([model(input_ids=chunks[i : i + 1]).logits.float() for i in range(len(chunks))])
@@ -65,12 +68,16 @@ def main(argv=None) -> int:
     upgraded = tempfile.mkdtemp(prefix="bf16_agreement-")
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), args.adapter).save_pretrained(upgraded)
     adapter = upgraded
+    from ouroboros_peft import export
+
+    exported = export(base, adapter, Path(tempfile.mkdtemp(prefix="bf16_agreement-export-")) / "export")
     rows = {"float32": {"seconds": ref_s}}
-    arms = (("fp32 recurrence stream", torch.float32, False), ("model-dtype stream (before)", None, False),
-            ("the full base model (adapter disabled), for scale", None, True))
+    arms = (("fp32 recurrence stream", torch.float32, False, None), ("model-dtype stream (before)", None, False, None),
+            ("the full base model (adapter disabled), for scale", None, True, None),
+            ("exported model: fp32 recurrence stream and fp32 logits", torch.float32, False, exported))
     for name in [d.strip() for d in args.dtypes.split(",") if d.strip()]:
-        for label, stream, full in arms:
-            out, seconds = logits(DTYPES[name], stream, full)
+        for label, stream, full, export_dir in arms:
+            out, seconds = logits(DTYPES[name], stream, full, export_dir)
             against = full_reference if full else reference
             rows[f"{name}, {label}"] = {
                 "top1_agreement": float((out.argmax(-1) == against.argmax(-1)).float().mean()),

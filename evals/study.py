@@ -27,7 +27,9 @@ Experiments
                 weight and temperature from --distill-weight / --distill-temperature), controller with the coda LoRA
                 distilled, and the practitioner's baseline pruned_lora (the same 7 + 1 + 7 layers as a plain model with
                 a standard PEFT LoRA on all seven projections of every kept layer, rank matched to the controller
-                arm's trainable parameters within 5 %), with and without distillation (its teacher: the unpruned base)
+                arm's trainable parameters within 5 %), with and without distillation (its teacher: the unpruned base);
+                and the deviations from the paper beside controller: controller_paper_head (SiLU(Linear(pooled)) on
+                the raw stream) and controller_alpha16 (lora_alpha 16 at r 32, scale 0.5)
 
 Example (the headline at the anchors' budget, 221 updates of 4 x 256 tokens):
     python evals/study.py headline --updates 221 --batch-size 4 --chunks 64 --save
@@ -140,6 +142,9 @@ def experiments(with_static: bool, distill: dict | None = None) -> dict:
             # the adapter options (the split; the controller arm's defaults) set the parameter budget the LoRA matches
             "pruned_lora": ({}, dict(method="pruned_lora")),
             "pruned_lora_kd": ({}, dict(method="pruned_lora", **kd)),
+            # the deviations from the paper, each measured beside `controller` (issue 19, item 4)
+            "controller_paper_head": (dict(controller_head="paper"), {}),
+            "controller_alpha16": (dict(lora_alpha=16.0), {}),
         },
     }
 

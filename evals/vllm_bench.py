@@ -179,10 +179,15 @@ def write_docs(path: Path, result: dict) -> None:
             END,
         ]
     )
+    write_section(path, START, END, body)
+
+
+def write_section(path: Path, start: str, end: str, body: str) -> None:
+    """Replace the `start` ... `end` section of a markdown file with `body` (which carries both markers), or append it."""
     text = path.read_text() if path.exists() else "# Performance\n\nEach table names the command that produced it.\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + body + rest.split(END, 1)[1]
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + body + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + body + "\n"
     write_text(path, text)

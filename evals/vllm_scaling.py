@@ -31,10 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from ouroboros_plugins.atomic import write_json, write_text
+from ouroboros_plugins.atomic import write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vllm_bench import build_export, make_prompts, setup_env  # noqa: E402
+from vllm_bench import build_export, make_prompts, setup_env, write_section  # noqa: E402
 
 START, END = "<!-- vllm_scaling:start -->", "<!-- vllm_scaling:end -->"
 
@@ -175,13 +175,7 @@ def write_docs(path: Path, result: dict) -> None:
         report(result),
         END,
     ])
-    text = path.read_text()
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + body + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + body + "\n"
-    write_text(path, text)
+    write_section(path, START, END, body)
 
 
 def main(argv=None) -> int:

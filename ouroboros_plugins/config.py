@@ -13,6 +13,7 @@ from typing import Optional
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODULATIONS = ("controller", "static")
+CONTROLLER_HEADS = ("normalised", "paper")
 POOLINGS = ("causal_mean", "token", "sequence_mean")
 # Poolings whose modulation at position i depends only on positions <= i.
 CAUSAL_POOLINGS = ("causal_mean", "token")
@@ -60,6 +61,13 @@ class OuroborosSpec:
     )
     controller_hidden: int = field(default=128, metadata={"help": "Controller width (also the step-embedding width)."})
     controller_state_dim: int = field(default=256, metadata={"help": "Width of the Controller's projection of the pooled hidden state."})
+    controller_head: str = field(
+        default="normalised",
+        metadata={
+            "help": "How the Controller reads the pooled state: 'normalised' (this implementation: RMS-normalise it, then a "
+            "linear projection) or 'paper' (the paper's s = SiLU(Linear(pooled)) on the raw stream)."
+        },
+    )
     use_gate: bool = field(default=True, metadata={"help": "Gated recurrence h' = g*n + (1-g)*h. False = h' = n (the no-gate ablation)."})
     gate_retention: float = field(
         default=0.88, metadata={"help": "Retention 1-g at initialisation, in [1e-6, 1 - 1e-6]. 0.88 gives gate bias -1.992."}
@@ -104,6 +112,8 @@ class OuroborosSpec:
             need_int("recurrent_layer_index", 0)
         if self.modulation not in MODULATIONS:
             raise ValueError(f"modulation must be one of {list(MODULATIONS)}, got {self.modulation!r}")
+        if self.controller_head not in CONTROLLER_HEADS:
+            raise ValueError(f"controller_head must be one of {list(CONTROLLER_HEADS)}, got {self.controller_head!r}")
         if self.controller_pooling not in POOLINGS:
             raise ValueError(f"controller_pooling must be one of {list(POOLINGS)}, got {self.controller_pooling!r}")
         if not isinstance(self.use_gate, bool):

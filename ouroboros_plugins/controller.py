@@ -82,11 +82,14 @@ class Controller(nn.Module):
     """Reads the pooled hidden state and a step embedding; emits one r-vector per target projection.
 
     pooled [B,T,d] -> rms-normalise -> state_proj [B,T,S] ; step_embed[t] [W] broadcast
+    (head="paper": pooled -> state_proj -> SiLU, on the raw stream, as the paper writes s = SiLU(Linear(h)))
     -> concat [B,T,S+W] -> mlp -> [B,T,W] -> heads[p] -> [B,T,r] (zero-initialised: modulation starts at 0)
     """
 
-    def __init__(self, hidden_size: int, targets: tuple, r: int, rows: int, width: int = 128, state_dim: int = 256):
+    def __init__(self, hidden_size: int, targets: tuple, r: int, rows: int, width: int = 128, state_dim: int = 256,
+                 head: str = "normalised"):
         super().__init__()
+        self.head = head
         self.state_proj = nn.Linear(hidden_size, state_dim)
         self.step_embed = nn.Embedding(rows, width)
         self.mlp = nn.Sequential(nn.Linear(state_dim + width, state_dim), nn.SiLU(), nn.Linear(state_dim, width), nn.SiLU())
@@ -96,7 +99,10 @@ class Controller(nn.Module):
             nn.init.zeros_(head.weight)
 
     def forward(self, pooled: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        state = self.state_proj(_rms_normalise(pooled).to(self.state_proj.weight.dtype))  # [B, T, S]; fp32 pooling, own dtype after
+        if self.head == "paper":
+            state = nn.functional.silu(self.state_proj(pooled.to(self.state_proj.weight.dtype)))  # [B, T, S]
+        else:
+            state = self.state_proj(_rms_normalise(pooled).to(self.state_proj.weight.dtype))  # [B, T, S]; fp32 pooling, own dtype after
         emb = self.step_embed.weight[step].expand(*state.shape[:-1], -1)  # [B, T, W]
         z = self.mlp(torch.cat([state, emb], dim=-1))  # [B, T, W]
         # the heads as one matmul: [B, T, W] x [W, heads * r] -> one [B, T, r] view per head

@@ -96,7 +96,8 @@ class OuroborosAdapter(nn.Module):
         with torch.device(device or "cpu"):
             self.bases = Bases({name: shapes[name] for name in targets}, spec.r)
             if spec.modulation == "controller":
-                self.controller = Controller(hidden_size, targets, spec.r, spec.rows, spec.controller_hidden, spec.controller_state_dim)
+                self.controller = Controller(hidden_size, targets, spec.r, spec.rows, spec.controller_hidden,
+                                             spec.controller_state_dim, spec.controller_head)
             else:
                 self.static = StaticModulation(targets, spec.r, spec.rows)
             self.norms = StepNorms(spec.rows, hidden_size, rms_eps)

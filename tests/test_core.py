@@ -264,3 +264,21 @@ def test_recur_drives_any_host_in_order_and_hands_it_its_reduce(modulation):
     assert host.calls[0] == ("prelude",) and steps == expected_steps
     assert host.calls[-3:] == [("coda", 0, True), ("coda", 1, True), ("final_norm",)]
     assert reduced.count("q_proj") == 3 + 2 and out.shape == (5, 16)
+
+
+def test_paper_controller_head_reads_the_raw_stream_through_silu():
+    """controller_head='paper': s = SiLU(Linear(pooled)) with no RMS normalisation, so scaling the pooled state
+    changes the modulation; the default normalises it away (scale-invariant input)."""
+    torch.manual_seed(0)
+    kw = dict(hidden_size=32, targets=("q_proj",), r=4, rows=2, width=16, state_dim=24)
+    paper, ours = Controller(head="paper", **kw), Controller(**kw)
+    ours.load_state_dict(paper.state_dict())
+    for c in (paper, ours):
+        nn.init.normal_(c.heads["q_proj"].weight)
+    pooled = torch.randn(2, 3, 32)
+    z = paper.mlp(torch.cat([nn.functional.silu(paper.state_proj(pooled)), paper.step_embed.weight[0].expand(2, 3, -1)], -1))
+    torch.testing.assert_close(paper(pooled, 0)["q_proj"], paper.heads["q_proj"](z))
+    torch.testing.assert_close(ours(pooled * 5, 0)["q_proj"], ours(pooled, 0)["q_proj"], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(paper(pooled * 5, 0)["q_proj"], paper(pooled, 0)["q_proj"])
+    with pytest.raises(ValueError, match="controller_head must be one of"):
+        OuroborosSpec(controller_head="silu")

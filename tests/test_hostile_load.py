@@ -81,9 +81,7 @@ def state(model):
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_bad_adapter_file_is_refused_and_the_model_is_untouched(saved, tmp_path, case):
     damage, message = CASES[case]
-    folder = tmp_path / "adapter"
-    shutil.copytree(saved, folder)
-    damage(folder)
+    folder = damaged_copy(saved, tmp_path, damage)
     model = tiny_model("llama")
     modules, grads, tensors = state(model)
     ids = torch.randint(4, 96, (1, 8), generator=torch.Generator().manual_seed(0))
@@ -198,6 +196,23 @@ def test_an_older_adapter_keeps_its_recurrent_layer_hash_check(plain_saved, tmp_
 # ----------------------------------------------------------------------------------------------------
 
 
+def damaged_copy(saved, tmp_path, damage):
+    """A copy of the saved adapter folder with `damage` applied to it."""
+    folder = tmp_path / "adapter"
+    shutil.copytree(saved, folder)
+    damage(folder)
+    return folder
+
+
+def snapshot(model, batch: int = 1):
+    """(ids, state, logits) of a model before a load is tried on it, for `untouched`."""
+    ids = torch.randint(4, 96, (batch, 8), generator=torch.Generator().manual_seed(0))
+    before = state(model)
+    with torch.no_grad():
+        logits = model(ids).logits
+    return ids, before, logits
+
+
 def untouched(model, before, logits, ids):
     modules, grads, tensors = before
     after_modules, after_grads, after_tensors = state(model)
@@ -227,10 +242,7 @@ def test_transformers_load_adapter_refuses_and_leaves_the_model_untouched(saved,
     model = tiny_model("llama", seed=5 if damage == "other base" else 0)
     if damage != "other base":
         damage(folder)
-    ids = torch.randint(4, 96, (1, 8), generator=torch.Generator().manual_seed(0))
-    before = state(model)
-    with torch.no_grad():
-        logits = model(ids).logits
+    ids, before, logits = snapshot(model, 1)
     with pytest.raises(ValueError, match=message):
         model.load_adapter(str(folder))
     untouched(model, before, logits, ids)
@@ -282,10 +294,7 @@ def test_unload_restores_the_base_exactly(saved, how):
 @pytest.mark.parametrize("method", ["merge_and_unload", "merge_adapter"])
 def test_merging_is_refused_before_anything_changes(method):
     model = randomize_adapter(get_peft_model(tiny_model("qwen2"), ouro_config()))
-    ids = torch.randint(4, 96, (2, 8), generator=torch.Generator().manual_seed(0))
-    before = state(model)
-    with torch.no_grad():
-        logits = model(ids).logits
+    ids, before, logits = snapshot(model, 2)
     with pytest.raises(ValueError, match=r"cannot be merged into the base weights: .*num_steps.*Nothing was changed.*unload\(\)"):
         getattr(model, method)()
     assert state(model)[:2] == before[:2] and all(torch.equal(state(model)[2][k], v) for k, v in before[2].items())
@@ -363,9 +372,7 @@ ENTRIES = {
 @pytest.mark.parametrize("case", list(BAD_FILES))
 def test_a_bad_adapter_file_is_named_by_our_entry_points(saved, base_dir, tmp_path, case, entry):
     damage, message = BAD_FILES[case]
-    folder = tmp_path / "adapter"
-    shutil.copytree(saved, folder)
-    damage(folder)
+    folder = damaged_copy(saved, tmp_path, damage)
     with pytest.raises(ValueError, match=message) as info:
         ENTRIES[entry](folder, base_dir)
     assert str(folder / refused_file(case)) in str(info.value)
@@ -387,14 +394,9 @@ PEFT_OWN = {
 @pytest.mark.parametrize("case", list(PEFT_OWN))
 def test_peft_and_transformers_loaders_on_a_bad_file_leave_the_model_untouched(saved, tmp_path, case, entry):
     damage, message = BAD_FILES[case]
-    folder = tmp_path / "adapter"
-    shutil.copytree(saved, folder)
-    damage(folder)
+    folder = damaged_copy(saved, tmp_path, damage)
     model = tiny_model("llama")
-    ids = torch.randint(4, 96, (1, 8), generator=torch.Generator().manual_seed(0))
-    before = state(model)
-    with torch.no_grad():
-        logits = model(ids).logits
+    ids, before, logits = snapshot(model, 1)
     with pytest.raises(PEFT_OWN[case]) as info:
         PeftModel.from_pretrained(model, folder) if entry == "PeftModel.from_pretrained" else model.load_adapter(str(folder))
     if PEFT_OWN[case] is ValueError:  # ours: named
@@ -428,14 +430,9 @@ def test_transformers_load_adapter_checks_a_state_dict_passed_in_too(saved, tmp_
     from peft import PeftConfig
 
     damage, message = CASES[case]
-    folder = tmp_path / "adapter"
-    shutil.copytree(saved, folder)
-    damage(folder)
+    folder = damaged_copy(saved, tmp_path, damage)
     model = tiny_model("llama")
-    ids = torch.randint(4, 96, (1, 8), generator=torch.Generator().manual_seed(0))
-    before = state(model)
-    with torch.no_grad():
-        logits = model(ids).logits
+    ids, before, logits = snapshot(model, 1)
     config = PeftConfig.from_pretrained(str(folder))  # PEFT's generic loader: the config alone, no file to check
     with pytest.raises(ValueError, match=rf"the adapter state dict does not match its adapter_config.json.*{message}"):
         model.load_adapter(peft_config=config, adapter_state_dict=load_file(str(folder / WEIGHTS)))
@@ -446,14 +443,9 @@ def test_transformers_load_adapter_checks_a_state_dict_passed_in_too(saved, tmp_
 def test_peft_load_adapter_of_a_bad_second_adapter_leaves_the_model_untouched(saved, tmp_path, case):
     """`PeftModel.load_adapter(d, name)` beside a loaded adapter: refused, the first adapter and its output kept."""
     damage, message = CASES[case]
-    folder = tmp_path / "adapter"
-    shutil.copytree(saved, folder)
-    damage(folder)
+    folder = damaged_copy(saved, tmp_path, damage)
     model = PeftModel.from_pretrained(tiny_model("llama"), saved)
-    ids = torch.randint(4, 96, (1, 8), generator=torch.Generator().manual_seed(0))
-    before = state(model)
-    with torch.no_grad():
-        logits = model(ids).logits
+    ids, before, logits = snapshot(model, 1)
     with pytest.raises(ValueError, match=rf"{WEIGHTS} does not match its adapter_config.json.*{message}"):
         model.load_adapter(str(folder), "second")
     assert list(model.peft_config) == ["default"] and state(model)[:2] == before[:2]

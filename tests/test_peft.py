@@ -22,6 +22,7 @@ CONFIGS = {
     "static": dict(modulation="static"),
     "no-gate-attn-only": dict(use_gate=False, target_modules=["q_proj", "v_proj"]),
     "deep-rank4": dict(num_steps=6, r=4, lora_alpha=8),
+    "paper-head-alpha16": dict(controller_head="paper", lora_alpha=16),
 }
 MATRIX = [(a, c) for a in ARCHS for c in CONFIGS]
 

@@ -46,7 +46,9 @@ CASES = {
 }
 # The same six with a LoRA on every coda projection (`coda_lora_r`; randomize_adapter moves its B off zero).
 CODA_LORA_CASES = {(arch, f"{variant}+coda_lora"): dict(kw, coda_lora_r=8) for (arch, variant), kw in CASES.items()}
-SETTINGS = CASES | CODA_LORA_CASES
+# The paper's Controller head (SiLU(Linear(pooled)) on the raw stream, issue 19's deviation arm) is served too.
+PAPER_HEAD_CASES = {("qwen2", "causal_mean+paper_head"): dict(CASES[("qwen2", "causal_mean")], controller_head="paper")}
+SETTINGS = CASES | CODA_LORA_CASES | PAPER_HEAD_CASES
 
 
 def prompts() -> list[list[int]]:
@@ -227,7 +229,7 @@ def test_entry_point_registers_architecture_and_config_lazily(work):
 # -- parity with transformers -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch,variant", list(CASES))
+@pytest.mark.parametrize("arch,variant", list(CASES) + list(PAPER_HEAD_CASES))
 def test_greedy_tokens_match_transformers(work, arch, variant):
     """vLLM (chunked prefill, prefix caching) produces HF `generate`'s greedy tokens, on a cold and on a
     prefix-cache-hit pass."""

@@ -19,6 +19,8 @@ def _adapter_options(args) -> dict:
         controller_pooling=args.pooling,
         use_gate=not args.no_gate,
     )
+    if getattr(args, "controller_head", "normalised") != "normalised":
+        opts["controller_head"] = args.controller_head
     if args.targets:
         opts["target_modules"] = [t.strip() for t in args.targets.split(",") if t.strip()]
     if getattr(args, "coda_lora_r", 0):
@@ -132,6 +134,9 @@ def ouroboros_register_commands(subparsers):
     g.add_argument("--targets", default=None, help="comma-separated projections to modulate (default all seven)")
     g.add_argument("--modulation", choices=["controller", "static"], default="controller")
     g.add_argument("--pooling", choices=["causal_mean", "token", "sequence_mean"], default="causal_mean")
+    g.add_argument("--controller-head", choices=["normalised", "paper"], default="normalised",
+                   help="the Controller's state projection: 'normalised' (RMS-normalised input, linear; default) or "
+                        "'paper' (SiLU(Linear(pooled)) on the raw stream, as in the paper)")
     g.add_argument("--no-gate", action="store_true", help="h' = n: the no-gate ablation")
     g.add_argument("--coda-lora-r", type=int, default=0, help="rank of a trainable LoRA on the coda layers (0 = none, the paper)")
     g = p.add_argument_group("method and loss")
