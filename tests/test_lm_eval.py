@@ -217,8 +217,11 @@ def test_bfloat16_keeps_the_ouroboros_modules_in_float32(art, lm_peft):
     a = [s for s, _ in half_peft.loglikelihood(requests("loglikelihood", PAIRS))]
     b = [s for s, _ in half_exported.loglikelihood(requests("loglikelihood", PAIRS))]
     full = [s for s, _ in lm_peft.loglikelihood(requests("loglikelihood", PAIRS))]
-    assert a == pytest.approx(b, abs=0.1)  # bf16 logits: a few ulps at these magnitudes
+    # bf16 layers: a few ulps at these magnitudes (the exported model's embeddings, lm_head and logits are fp32, the
+    # PEFT base is bf16 throughout, so the two differ from each other by about as much as from fp32)
+    assert b == pytest.approx(full, abs=0.25)
     assert a == pytest.approx(full, abs=0.25)
+    assert a != b
 
 
 def test_plain_base_model_is_evaluated_unchanged(art, refs):
