@@ -5,7 +5,7 @@ Structure (every module takes `prefix`; the attention prefixes hold exactly one 
 KV-cache slot, as vLLM requires):
 
     model.embed_tokens
-    model.layers.{0..P-1}           prelude: vLLM's own Llama/Qwen2 decoder layers
+    model.layers.{0..P-1}           prelude: vLLM's own decoder layers (the class the backbone names)
     model.layers.{P}                the recurrent layer (vLLM's decoder layer); its attention is step 0's slot
     model.layers.{P+t}.attn         t = 1..N-1: one more `Attention` per step (own KV cache, shared weights)
     model.layers.{P+N+k}            coda: vLLM decoder layers
@@ -26,9 +26,9 @@ decoder-layer class comes from the backbone plugin (`Backbone.vllm_layer`); noth
 
 Tensor parallel (tensor_parallel_size = W): vLLM's layers hold their rank's shard; the Ouroboros adapter is
 built with this rank's projection shapes (`TPLayout`) and its low-rank factors are sliced at load the way vLLM
-slices the weight they modulate (B rows for q/k/v/gate/up, A columns for o_proj/down_proj); `_with_deltas`
-all-reduces the row-parallel z (`LowRank`'s reduce). Controller, static table, step norms and gate read the full hidden state,
-which every rank holds: they are replicated. Pipeline parallel is refused (front end: `checkpoint.verify_parallel`).
+slices the weight they modulate (B rows for q/k/v/gate/up, A columns for o_proj/down_proj);
+`row_parallel_reduce` (the host's `LowRank` reduce) all-reduces the row-parallel z. Controller, static table, step
+norms and gate read the full hidden state, which every rank holds: they are replicated. Pipeline parallel is refused (front end: `checkpoint.verify_parallel`).
 """
 
 from __future__ import annotations
