@@ -24,8 +24,7 @@ from .runtime import decode, check_generation
 
 def fp32_logits(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     """The output projection, computed in fp32 whatever the model's dtype. Logits stored in bf16 keep 8 bits of
-    mantissa (steps of 0.125 at a logit of 20), which alone flips the top-1 token at 1 % of positions of the default
-    model (evals/results/bf16_agreement.json). Cost on a half-precision model: a transient fp32 copy of the head
+    mantissa (steps of 0.125 at a logit of 20), enough to flip a close top-1 token (evals/results/bf16_agreement.json). Cost on a half-precision model: a transient fp32 copy of the head
     weight per forward (vocab x hidden x 4 bytes: 113 MB for SmolLM2-135M) and an fp32 matmul."""
     if head.weight.dtype == torch.float32:
         return head(hidden)
