@@ -69,15 +69,13 @@ class Bases(nn.Module):
 def modulated_linear(
     base: nn.Linear, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, m: Optional[torch.Tensor], scale: float
 ) -> torch.Tensor:
-    """Base projection plus the modulated low-rank path. `m` is [..., r] broadcastable to x's leading dims,
-    or None (no modulation: exactly the base projection). The low-rank path runs in fp32; the base projection in
-    its weight's dtype; the sum comes back in x's dtype (fp32 inside the recurrence, whatever the model's dtype)."""
-    y = base(x if x.dtype == base.weight.dtype else x.to(base.weight.dtype))
+    """Base projection plus the modulated low-rank path, for one projection on its own (`LowRank` does the work).
+    `m` is [..., r] broadcastable to x's leading dims, or None (no modulation: exactly the base projection). The
+    low-rank path runs in fp32, the base projection in its weight's dtype; the sum comes back in x's dtype."""
+    y = base(x if x.dtype == base.weight.dtype else x.to(base.weight.dtype)).to(x.dtype)
     if m is None:
-        return y.to(x.dtype)
-    z = x.to(a.dtype) @ a.t()  # [..., r]
-    delta = (z * m) @ b.t()  # [..., d_out]
-    return (y.to(delta.dtype) + scale * delta).to(x.dtype)
+        return y
+    return LowRank({"proj": LowRankPath(a, b, m)}, scale).add(("proj",), x, [y])[0]
 
 
 class LowRankPath(NamedTuple):
