@@ -3,7 +3,9 @@
 Each results file (schema of `ouroboros eval`) is one seed of the same experiment. The script checks that every file
 was evaluated on the same held-out tokens (identical full / pruned NLLs), then reports per arm and corpus the NLL and
 gap recovery of each seed, their mean and sample standard deviation, and per seed the difference between two arms
-(`--compare A B`: NLL_A - NLL_B, negative = A better). Nothing is trained or evaluated here.
+(`--compare A B`, repeatable: NLL_A - NLL_B, negative = A better) with a verdict per corpus: "A ahead" when A's NLL
+is lower in every seed and the mean difference is larger than either arm's seed spread (sample sd), "B ahead" the
+other way round, else "within spread". Nothing is trained or evaluated here.
 
     python evals/seeds.py evals/results/headline.json evals/results/headline_seed1.json \\
         evals/results/headline_seed2.json --compare controller static --out evals/results/headline_seeds.json
@@ -51,7 +53,28 @@ def spread(values: list[float]) -> dict:
             "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values)}
 
 
-def summarise(paths: list[str], arms: list[str], compare: tuple[str, str] | None) -> dict:
+def verdict(diffs: list[float], sd_a: float, sd_b: float, a: str, b: str) -> str:
+    """Who is ahead beyond the seed spread: every seed on one side and |mean difference| > both arms' sd."""
+    mean = statistics.fmean(diffs)
+    if abs(mean) > max(sd_a, sd_b):
+        if all(d < 0 for d in diffs):
+            return f"{a} ahead"
+        if all(d > 0 for d in diffs):
+            return f"{b} ahead"
+    return "within spread"
+
+
+def compare_pair(runs: list[dict], corpora: list[str], arms: dict, a: str, b: str) -> dict:
+    """NLL_A - NLL_B per seed and corpus, with its spread and the verdict."""
+    out = {"arms": [a, b], "nll_difference": {}, "verdict": {}}
+    for corpus in corpora:
+        diffs = [run["arms"][a]["heldout"][corpus]["nll"] - run["arms"][b]["heldout"][corpus]["nll"] for run in runs]
+        out["nll_difference"][corpus] = spread(diffs)
+        out["verdict"][corpus] = verdict(diffs, arms[a][corpus]["nll"]["sd"], arms[b][corpus]["nll"]["sd"], a, b)
+    return out
+
+
+def summarise(paths: list[str], arms: list[str], compare: list[tuple[str, str]] = ()) -> dict:
     runs = load(paths)
     for path, run in zip(paths, runs):
         missing = [a for a in (*REFERENCE_ARMS, *arms) if a not in run["arms"]]
@@ -66,12 +89,7 @@ def summarise(paths: list[str], arms: list[str], compare: tuple[str, str] | None
                      for key in ("nll", "gap_recovery")}
             for corpus in corpora
         }
-    if compare:
-        a, b = compare
-        out["compare"] = {"arms": [a, b], "nll_difference": {
-            corpus: spread([run["arms"][a]["heldout"][corpus]["nll"] - run["arms"][b]["heldout"][corpus]["nll"]
-                            for run in runs])
-            for corpus in corpora}}
+    out["compare"] = [compare_pair(runs, corpora, out["arms"], a, b) for a, b in compare]
     return out
 
 
@@ -85,12 +103,12 @@ def markdown(summary: dict) -> str:
             g = rows[c]["gap_recovery"]
             cells += [" / ".join(f"{100 * v:.1f}" for v in g["per_seed"]), f"{100 * g['mean']:.1f} ({100 * g['sd']:.1f})"]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    if "compare" in summary:
-        a, b = summary["compare"]["arms"]
+    for pair in summary.get("compare", []):
+        a, b = pair["arms"]
         cells = []
         for c in corpora:
-            d = summary["compare"]["nll_difference"][c]
-            cells += [" / ".join(f"{v:+.3f}" for v in d["per_seed"]), f"{d['mean']:+.3f} ({d['sd']:.3f})"]
+            d = pair["nll_difference"][c]
+            cells += [" / ".join(f"{v:+.3f}" for v in d["per_seed"]), f"{d['mean']:+.3f} ({d['sd']:.3f}): {pair['verdict'][c]}"]
         lines.append(f"| {a} - {b} NLL (nats) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -99,15 +117,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", help="results files, one per seed")
     ap.add_argument("--arms", default="controller,static", help="comma-separated arms to summarise")
-    ap.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None, help="report NLL_A - NLL_B per seed")
+    ap.add_argument("--compare", nargs=2, metavar=("A", "B"), action="append", default=[],
+                    help="report NLL_A - NLL_B per seed and who is ahead beyond the spread (repeatable)")
     ap.add_argument("--out", default=None, help="write the summary JSON here (with the command)")
     args = ap.parse_args(argv)
     if len(args.results) < 2:
         ap.error("give at least two results files (one per seed)")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    if args.compare:
-        arms += [a for a in args.compare if a not in arms]
-    summary = summarise(args.results, arms, tuple(args.compare) if args.compare else None)
+    for pair in args.compare:
+        arms += [a for a in pair if a not in arms]
+    summary = summarise(args.results, arms, [tuple(pair) for pair in args.compare])
     summary["command"] = "python evals/seeds.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(markdown(summary))
     if args.out:

@@ -23,6 +23,8 @@ Experiments
     equal_params  controller_tiny (Controller width 16, state 16: trainable parameters within 2 % of static's) beside
                 controller and static
     lr          controller and static at lr {5e-4, 1e-3, 2e-3, 4e-3} (--arms picks a subset)
+    distill_sweep  controller without distillation and distilled at weight W in {0.5, 1} x temperature T in {1, 2}
+                (arms controller_kd_w<W>_t<T>; W 1 is pure distillation)
     quality     issue 19: controller and static with and without distillation from the full model (`_kd`: --distill,
                 weight and temperature from --distill-weight / --distill-temperature), controller with the coda LoRA
                 distilled, and the practitioner's baseline pruned_lora (the same 7 + 1 + 7 layers as a plain model with
@@ -145,6 +147,12 @@ def experiments(with_static: bool, distill: dict | None = None) -> dict:
             # the deviations from the paper, each measured beside `controller` (issue 19, item 4)
             "controller_paper_head": (dict(controller_head="paper"), {}),
             "controller_alpha16": (dict(lora_alpha=16.0), {}),
+        },
+        # the distillation weight W and temperature T around the quality arms' 0.5 / 1 (issue 19: "sweep a few")
+        "distill_sweep": {
+            "controller": ({}, {}),
+            **{f"controller_kd_w{w:g}_t{t:g}": ({}, dict(distill=True, distill_weight=w, distill_temperature=t))
+               for t in (1.0, 2.0) for w in (0.5, 1.0)},
         },
     }
 
@@ -276,7 +284,8 @@ def main(argv=None) -> int:
         values = dict(base=str(model_dir), out=str(run), adapter={**args.split, **adapter_over}, train_text=args.train_text,
                       manifest=args.manifest, seq_len=args.seq_len, max_updates=args.updates, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, seed=args.seed, eval_every=args.eval_every,
-                      eval_chunks=args.eval_chunks, checkpoint_every=25, threads=args.threads)
+                      eval_chunks=args.eval_chunks, checkpoint_every=25, threads=args.threads,
+                      distill=False)  # the loss is each arm's own (the `_kd` arms set it), whatever train's default
         values.update(train_over)
         cfg = TrainConfig(**values)
         if args.resume and (run / "summary.json").is_file():

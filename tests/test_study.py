@@ -2,6 +2,7 @@
 (training and evaluation replaced by stand-ins: what is under test is what the script writes around them), and one
 experiment run end to end on a tiny model given as --base with its own split, training text and manifest."""
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -200,3 +201,31 @@ def test_an_arm_that_does_not_fit_the_base_stops_the_study_before_its_first_arm(
     with pytest.raises(SystemExit, match="arm controller does not fit .*recurrent_layer_index=5 lies inside the prelude or coda"):
         study.main(["headline", *args, "--out", str(tmp_path / "runs")])
     assert not (tmp_path / "runs").exists()
+
+
+def test_each_arm_trains_with_its_own_loss_whatever_the_training_default(stubbed, tmp_path, monkeypatch):
+    """The distillation sweep's arms carry their W and T; arms without `_kd` pass distill=False explicitly, so a
+    change of `ouroboros train`'s default loss cannot change what an experiment measures."""
+    import ouroboros_train.train as train
+
+    seen = {}
+    real_fake = train.train
+
+    def capture(cfg, overwrite=False, resume=False):
+        seen[Path(cfg.out).name] = (cfg.distill, cfg.distill_weight, cfg.distill_temperature)
+        return real_fake(cfg, overwrite=overwrite, resume=resume)
+
+    @dataclasses.dataclass
+    class DistillByDefault(train.TrainConfig):  # as if `ouroboros train` distilled by default
+        distill: bool = True
+
+    monkeypatch.setattr(train, "train", capture)
+    monkeypatch.setattr(train, "TrainConfig", DistillByDefault)
+    out = str(tmp_path / "runs")
+    assert study.main(["distill_sweep", "--updates", "3", "--out", out, "--train-only"]) == 0
+    assert seen == {"controller": (False, 0.5, 1.0),
+                    "controller_kd_w0.5_t1": (True, 0.5, 1.0), "controller_kd_w1_t1": (True, 1.0, 1.0),
+                    "controller_kd_w0.5_t2": (True, 0.5, 2.0), "controller_kd_w1_t2": (True, 1.0, 2.0)}
+    assert study.main(["quality", "--arms", "static,static_kd", "--updates", "3", "--out", out, "--train-only",
+                       "--distill-temperature", "3"]) == 0
+    assert seen["static"] == (False, 0.5, 1.0) and seen["static_kd"] == (True, 0.5, 3.0)
