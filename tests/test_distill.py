@@ -301,6 +301,41 @@ def test_cli_resume_keeps_the_distillation_and_refuses_a_contradicting_flag(base
         train(TrainConfig(**{**cfg.to_json(), "distill_temperature": 1.0}), resume=True)
 
 
+def test_cli_distils_by_default_and_no_distill_trains_on_the_cross_entropy(base_dir, text_file, tmp_path):
+    """Issue 19 item 5: distillation is `ouroboros train`'s default (and TrainConfig's); --no-distill is CE alone."""
+    from ouroboros_plugins.cli import main
+    from ouroboros_train.train import TrainConfig
+
+    assert TrainConfig(base="b", out="o").distill is True
+    assert main(cli_args(base_dir, text_file, tmp_path / "default", "--distill-weight", "0.7")) == 0
+    config = json.loads((tmp_path / "default" / "config.json").read_text())
+    assert (config["distill"], config["distill_weight"], config["distill_temperature"]) == (True, 0.7, 1.0)
+    rows = train_log(tmp_path / "default")
+    assert all(r["kl"] > 0 and r["loss"] == pytest.approx(0.3 * r["ce"] + 0.7 * r["kl"], rel=1e-5) for r in rows)
+
+    assert main(cli_args(base_dir, text_file, tmp_path / "ce", "--no-distill")) == 0
+    assert json.loads((tmp_path / "ce" / "config.json").read_text())["distill"] is False
+    ce_rows = train_log(tmp_path / "ce")
+    assert len(ce_rows) == 4 and all("kl" not in r for r in ce_rows)
+    assert json.loads((tmp_path / "ce" / "summary.json").read_text())["distill"] is None
+    # same data and init: the first update's loss is the same cross-entropy either way; the updates then differ
+    assert ce_rows[0]["loss"] == pytest.approx(rows[0]["ce"], rel=1e-5)
+    assert ce_rows[-1]["loss"] != pytest.approx(rows[-1]["ce"], rel=1e-6)
+
+
+def test_a_run_folder_from_before_distillation_resumes_on_the_cross_entropy(base_dir, text_file, tmp_path):
+    """config.json files written before the `distill` field existed have no such key: they trained on the CE, and a
+    resume must not switch them to the new default."""
+    from ouroboros_plugins.cli import main
+    from ouroboros_train.train import TrainConfig
+
+    assert main(cli_args(base_dir, text_file, tmp_path / "old", "--no-distill")) == 0
+    stored = json.loads((tmp_path / "old" / "config.json").read_text())
+    old = {k: v for k, v in stored.items() if k not in ("distill", "distill_weight", "distill_temperature")}
+    assert TrainConfig.from_json(old).distill is False
+    assert TrainConfig.from_json(stored).distill is False and TrainConfig.from_json({**stored, "distill": True}).distill is True
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--distill", "--distill-weight", "1.5"], "distill_weight (--distill-weight) must be a number in [0, 1]"),
     (["--distill", "--distill-weight", "-0.5"], "distill_weight (--distill-weight) must be a number in [0, 1]"),
@@ -308,7 +343,8 @@ def test_cli_resume_keeps_the_distillation_and_refuses_a_contradicting_flag(base
     (["--distill", "--distill-temperature", "0"], "distill_temperature (--distill-temperature) must be a finite number > 0"),
     (["--distill", "--distill-temperature", "-2"], "distill_temperature (--distill-temperature) must be a finite number > 0"),
     (["--distill", "--distill-temperature", "inf"], "distill_temperature (--distill-temperature) must be a finite number > 0"),
-    (["--distill-weight", "0.3"], "--distill-weight sets the distillation loss: give --distill too"),
+    (["--no-distill", "--distill-weight", "0.3"], "--distill-weight sets the distillation loss, which --no-distill turns off"),
+    (["--no-distill", "--distill-temperature", "2"], "--distill-temperature sets the distillation loss, which --no-distill turns off"),
     (["--lora-r", "4"], "--lora-r is the rank of --method pruned_lora"),
     (["--method", "pruned_lora", "--sample-depth", "1:2"], "depth_range (--sample-depth) needs an Ouroboros adapter"),
 ])

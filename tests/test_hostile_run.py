@@ -23,7 +23,7 @@ class Interrupt(Exception):
 def config(base_dir, text_file, out, **kw):
     values = dict(base=str(base_dir), out=str(out), adapter=dict(num_prelude_layers=1, num_coda_layers=1, num_steps=2, r=8),
                   train_text=str(text_file), seq_len=32, batch_size=2, max_updates=6, lr=3e-3, warmup=1, checkpoint_every=2,
-                  keep_checkpoints=3, progress=False)
+                  keep_checkpoints=3, progress=False, distill=False)
     values.update(kw)
     return TrainConfig(**values)
 

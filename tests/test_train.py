@@ -20,8 +20,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def config(base_dir, text_file, out, **kw):
     adapter = dict(num_prelude_layers=1, num_coda_layers=1, num_steps=3, r=8)
     adapter.update(kw.pop("adapter", {}))
+    # the cross-entropy alone: these tests pin the training loop's own arithmetic (tests/test_distill.py: the default)
     values = dict(base=str(base_dir), out=str(out), adapter=adapter, train_text=str(text_file), seq_len=SEQ, batch_size=2,
-                  max_updates=6, lr=3e-3, warmup=2, checkpoint_every=2, progress=False)
+                  max_updates=6, lr=3e-3, warmup=2, checkpoint_every=2, progress=False, distill=False)
     values.update(kw)
     return TrainConfig(**values)
 

@@ -3,6 +3,8 @@ and `ouroboros --help` import neither torch nor peft; the command imports what i
 
 from __future__ import annotations
 
+import argparse
+
 from ouroboros_plugins.hookspecs import hookimpl
 
 
@@ -63,8 +65,8 @@ def cmd_train(args) -> int:
             except ValueError:
                 raise ValueError(f"--sample-depth must look like LO:HI, got {args.sample_depth!r}") from None
         for flag, value in (("--distill-weight", args.distill_weight), ("--distill-temperature", args.distill_temperature)):
-            if value is not None and not args.distill:
-                raise ValueError(f"{flag} sets the distillation loss: give --distill too")
+            if value is not None and args.distill is False:
+                raise ValueError(f"{flag} sets the distillation loss, which --no-distill turns off")
         if args.lora_r is not None and args.method != "pruned_lora":
             raise ValueError("--lora-r is the rank of --method pruned_lora (an Ouroboros adapter's rank is --rank)")
         cfg = TrainConfig(
@@ -95,7 +97,7 @@ def cmd_train(args) -> int:
             threads=args.threads,
             method=args.method or "ouroboros",
             lora_r=args.lora_r,
-            distill=bool(args.distill),
+            distill=args.distill is not False,  # on unless --no-distill
             distill_weight=0.5 if args.distill_weight is None else args.distill_weight,
             distill_temperature=1.0 if args.distill_temperature is None else args.distill_temperature,
         )
@@ -146,12 +148,13 @@ def ouroboros_register_commands(subparsers):
                    "kept layer, rank matched (within 5 %%) to the trainable parameters of the Ouroboros adapter the options "
                    "above describe")
     g.add_argument("--lora-r", type=int, default=None, help="pruned_lora: one LoRA rank for every kept layer instead of the matched one")
-    g.add_argument("--distill", action="store_true", default=None,
-                   help="distil from the full model: loss = (1 - W) * CE + W * T^2 * KL(full || trained) on the next-token "
-                   "distributions; the teacher is the same model with the adapter disabled (pruned_lora: the unpruned base)")
-    g.add_argument("--distill-weight", type=float, default=None, metavar="W", help="W in [0, 1] (default 0.5; with --distill)")
+    g.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
+                   help="distil from the full model (the default; --no-distill: cross-entropy alone): loss = (1 - W) * CE + "
+                   "W * T^2 * KL(full || trained) on the next-token distributions; the teacher is the same model with the "
+                   "adapter disabled (pruned_lora: the unpruned base)")
+    g.add_argument("--distill-weight", type=float, default=None, metavar="W", help="W in [0, 1] (default 0.5)")
     g.add_argument("--distill-temperature", type=float, default=None, metavar="T",
-                   help="softmax temperature of both distributions, > 0; the KL is scaled by T^2 (default 1.0; with --distill)")
+                   help="softmax temperature of both distributions, > 0; the KL is scaled by T^2 (default 1.0)")
     g = p.add_argument_group("training")
     g.add_argument("--train-text", default=None, help="text file or folder (default: the Python docs training split)")
     g.add_argument("--seq-len", type=int, default=256)

@@ -9,8 +9,8 @@ autocast, clipping, several processes) is Trainer's; this module adds what is Ou
       epoch; the dataset is that order (Trainer samples it sequentially), so the global batch and its order do not
       depend on the number of processes (``batch_size`` is per process, as in Trainer) and a resume continues it.
     * `OuroborosCallback`: calibration on the global first batch, per-update depth sampling, divergence stop.
-    * ``distill=True``: the loss mixes the cross-entropy with the KL from the full model (the same model with the
-      adapter disabled; `distill.OuroborosDistillTrainer`).
+    * ``distill=True`` (the default): the loss mixes the cross-entropy with the KL from the full model (the same
+      model with the adapter disabled; `distill.OuroborosDistillTrainer`); ``distill=False`` is the cross-entropy alone.
     * ``method="pruned_lora"``: the practitioner's baseline instead of an Ouroboros adapter (`pruned`): the same
       prelude + recurrent layer once + coda as a plain model with a standard PEFT LoRA, rank matched to the
       Ouroboros adapter ``adapter`` describes; its distillation teacher is the whole unpruned base.
@@ -138,9 +138,10 @@ class TrainConfig:
         metadata={"help": "pruned_lora only: one LoRA rank for every kept layer instead of the matched one"},
     )
     distill: bool = field(
-        default=False,
+        default=True,
         metadata={"help": "mix the cross-entropy with KL(full model || trained model) on the next-token distributions; "
-                  "the teacher is the same model with the adapter disabled (pruned_lora: the whole unpruned base)"},
+                  "the teacher is the same model with the adapter disabled (pruned_lora: the whole unpruned base). On by "
+                  "default, as measured in docs/results.md ('Quality'); False trains on the cross-entropy alone"},
     )
     distill_weight: float = field(
         default=0.5, metadata={"help": "w in loss = (1 - w) * CE + w * T^2 * KL, in [0, 1] (with distill)"})
@@ -215,7 +216,8 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown training config fields {unknown}")
-        return cls(**data)
+        # a run folder written before `distill` existed trained on the cross-entropy alone: resume it that way
+        return cls(**{"distill": False, **data})
 
 
 # ----------------------------------------------------------------------------------------------------
