@@ -323,6 +323,33 @@ def test_cli_distils_by_default_and_no_distill_trains_on_the_cross_entropy(base_
     assert ce_rows[-1]["loss"] != pytest.approx(rows[-1]["ce"], rel=1e-6)
 
 
+def test_default_distillation_with_sampled_depth_resumes_exactly(base_dir, text_file, tmp_path):
+    """The default loss meets per-update depth sampling and resume: a run cut after update 3 and resumed gives the
+    uncut run's losses and KL terms (the teacher ignores the depth; the student's depth is redrawn from the seed)."""
+    from ouroboros_plugins.cli import main
+    from ouroboros_train.train import TrainConfig, train
+
+    extra = ("--sample-depth", "1:3", "--max-steps", "3")
+    assert main(cli_args(base_dir, text_file, tmp_path / "full", *extra)) == 0
+    cfg = TrainConfig.from_json(json.loads((tmp_path / "full" / "config.json").read_text()))
+    assert cfg.distill and cfg.depth_range == (1, 3)
+    cfg.out = str(tmp_path / "cut")
+
+    class Cut(Exception):
+        pass
+
+    def stop(update, loss):
+        if update == 3:
+            raise Cut
+
+    with pytest.raises(Cut):
+        train(cfg, on_update=stop)
+    assert main(["train", "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    full, cut = train_log(tmp_path / "full"), train_log(tmp_path / "cut")
+    assert [r["loss"] for r in cut] == [r["loss"] for r in full] and all(r["kl"] > 0 for r in full)
+    assert len({r["depth"] for r in full}) > 1  # the depth really was sampled
+
+
 def test_a_run_folder_from_before_distillation_resumes_on_the_cross_entropy(base_dir, text_file, tmp_path):
     """config.json files written before the `distill` field existed have no such key: they trained on the CE, and a
     resume must not switch them to the new default."""
