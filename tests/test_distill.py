@@ -244,6 +244,25 @@ def cli_args(base_dir, text_file, out, *extra, batch_size=2):
             "--lr", "3e-3", "--checkpoint-every", "2", "--no-progress", *extra]
 
 
+def cut_copy(run, out, after: int):
+    """Train `run`'s stored config again into `out`, stopped by an exception after update `after`; returns the config."""
+    from ouroboros_train.train import TrainConfig, train
+
+    cfg = TrainConfig.from_json(json.loads((Path(run) / "config.json").read_text()))
+    cfg.out = str(out)
+
+    class Cut(Exception):
+        pass
+
+    def stop(update, loss):
+        if update == after:
+            raise Cut
+
+    with pytest.raises(Cut):
+        train(cfg, on_update=stop)
+    return cfg
+
+
 def train_log(run):
     return [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines() if '"train"' in line]
 
@@ -273,18 +292,7 @@ def test_cli_resume_keeps_the_distillation_and_refuses_a_contradicting_flag(base
     extra = ("--distill", "--distill-weight", "0.7", "--distill-temperature", "2")
     assert main(cli_args(base_dir, text_file, tmp_path / "full", *extra)) == 0
     # the same run cut after update 3 (checkpoint at 2), then resumed by the CLI with no distillation flag
-    cfg = TrainConfig.from_json(json.loads((tmp_path / "full" / "config.json").read_text()))
-    cfg.out = str(tmp_path / "cut")
-
-    class Cut(Exception):
-        pass
-
-    def stop(update, loss):
-        if update == 3:
-            raise Cut
-
-    with pytest.raises(Cut):
-        train(cfg, on_update=stop)
+    cfg = cut_copy(tmp_path / "full", tmp_path / "cut", after=3)
     before = (tmp_path / "cut" / "log.jsonl").read_text()
     for flag, value in (("--distill-weight", "0.5"), ("--distill-temperature", "1"), ("--method", "pruned_lora")):
         assert main(["train", "--out", str(tmp_path / "cut"), "--resume", flag, value]) == 2
@@ -327,23 +335,11 @@ def test_default_distillation_with_sampled_depth_resumes_exactly(base_dir, text_
     """The default loss meets per-update depth sampling and resume: a run cut after update 3 and resumed gives the
     uncut run's losses and KL terms (the teacher ignores the depth; the student's depth is redrawn from the seed)."""
     from ouroboros_plugins.cli import main
-    from ouroboros_train.train import TrainConfig, train
 
     extra = ("--sample-depth", "1:3", "--max-steps", "3")
     assert main(cli_args(base_dir, text_file, tmp_path / "full", *extra)) == 0
-    cfg = TrainConfig.from_json(json.loads((tmp_path / "full" / "config.json").read_text()))
+    cfg = cut_copy(tmp_path / "full", tmp_path / "cut", after=3)
     assert cfg.distill and cfg.depth_range == (1, 3)
-    cfg.out = str(tmp_path / "cut")
-
-    class Cut(Exception):
-        pass
-
-    def stop(update, loss):
-        if update == 3:
-            raise Cut
-
-    with pytest.raises(Cut):
-        train(cfg, on_update=stop)
     assert main(["train", "--out", str(tmp_path / "cut"), "--resume"]) == 0
     full, cut = train_log(tmp_path / "full"), train_log(tmp_path / "cut")
     assert [r["loss"] for r in cut] == [r["loss"] for r in full] and all(r["kl"] > 0 for r in full)
