@@ -29,8 +29,9 @@ Experiments
                 weight and temperature from --distill-weight / --distill-temperature), controller with the coda LoRA
                 distilled, and the practitioner's baseline pruned_lora (the same 7 + 1 + 7 layers as a plain model with
                 a standard PEFT LoRA on all seven projections of every kept layer, rank matched to the controller
-                arm's trainable parameters within 5 %), with and without distillation (its teacher: the unpruned base);
-                and the deviations from the paper beside controller: controller_paper_head (SiLU(Linear(pooled)) on
+                arm's trainable parameters within 5 %), with and without distillation (its teacher: the unpruned base),
+                and pruned_lora_recurrent_kd (the same budget on the recurrent layer alone: the control that separates
+                where the trainable update sits from how often its layer runs); and the deviations from the paper beside controller: controller_paper_head (SiLU(Linear(pooled)) on
                 the raw stream) and controller_alpha16 (lora_alpha 16 at r 32, scale 0.5)
 
 Example (the headline at the anchors' budget, 221 updates of 4 x 256 tokens):
@@ -85,7 +86,8 @@ def check_arms(model_dir: Path, arms: dict, split: dict) -> None:
         try:
             pruned_plan(model, {**split, **adapter_over})
             if train_over.get("method") == "pruned_lora":
-                pruned_lora_plan(model, {**split, **adapter_over}, train_over.get("lora_r"))
+                pruned_lora_plan(model, {**split, **adapter_over}, train_over.get("lora_r"),
+                                 train_over.get("lora_layers", "kept"))
         except ValueError as exc:
             raise SystemExit(f"arm {arm} does not fit the base model {model_dir}: {exc}")
 
@@ -144,6 +146,8 @@ def experiments(with_static: bool, distill: dict | None = None) -> dict:
             # the adapter options (the split; the controller arm's defaults) set the parameter budget the LoRA matches
             "pruned_lora": ({}, dict(method="pruned_lora")),
             "pruned_lora_kd": ({}, dict(method="pruned_lora", **kd)),
+            # the control: the same budget on the recurrent layer alone, applied once (why the baseline wins)
+            "pruned_lora_recurrent_kd": ({}, dict(method="pruned_lora", lora_layers="recurrent", **kd)),
             # the deviations from the paper, each measured beside `controller` (issue 19, item 4)
             "controller_paper_head": (dict(controller_head="paper"), {}),
             "controller_alpha16": (dict(lora_alpha=16.0), {}),

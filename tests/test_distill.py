@@ -369,6 +369,8 @@ def test_a_run_folder_from_before_distillation_resumes_on_the_cross_entropy(base
     (["--no-distill", "--distill-weight", "0.3"], "--distill-weight sets the distillation loss, which --no-distill turns off"),
     (["--no-distill", "--distill-temperature", "2"], "--distill-temperature sets the distillation loss, which --no-distill turns off"),
     (["--lora-r", "4"], "--lora-r is the rank of --method pruned_lora"),
+    (["--lora-layers", "recurrent"], "--lora-layers places the LoRA of --method pruned_lora"),
+    (["--method", "pruned_lora", "--lora-layers", "recurrent"], "the LoRA needs rank 100 on 1 layer(s) (recurrent)"),
     (["--method", "pruned_lora", "--sample-depth", "1:2"], "depth_range (--sample-depth) needs an Ouroboros adapter"),
 ])
 def test_cli_bad_distillation_settings_fail_naming_the_flag_before_anything_is_written(base_dir, text_file, tmp_path, capsys,

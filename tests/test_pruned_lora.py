@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,64 @@ def test_tiny_model_lora_is_within_5_percent_of_the_real_adapter(arch, adapter):
     assert got == lora_trainable_params(model) == model.pruned_lora_plan.trainable_params
     assert model.pruned_lora_plan.target_params == target
     assert abs(got - target) <= 0.05 * target
+
+
+def test_default_model_recurrent_only_lora_matches_the_same_budget_on_one_layer():
+    from peft import get_peft_model
+
+    from ouroboros_train.pruned import lora_trainable_params, pruned_lora_plan
+
+    model = meta_model(smollm2_config())
+    plan = pruned_lora_plan(model, HEADLINE, lora_layers="recurrent")
+    assert plan.kept == tuple(range(7)) + (15,) + tuple(range(23, 30))  # still the 15 kept layers, run once each
+    assert plan.adapted == plan.lora_layers == (15,) and plan.raised == ()
+    # one layer at rank 96 costs what fifteen at rank 6-7 cost: 96 x 10,176 = 976,896, 0.2 % over the Controller arm
+    assert (plan.r, plan.trainable_params, plan.target_params) == (96, 976896, 974784)
+    peft_model = get_peft_model(model, plan.lora_config())
+    assert lora_trainable_params(peft_model) == plan.trainable_params
+    assert {n.split(".layers.")[1].split(".")[0] for n, _ in peft_model.named_parameters() if "lora_" in n} == {"15"}
+
+
+STATIC = {**SPLIT, "modulation": "static"}  # small enough a budget for one 64-wide tiny layer (rank 16)
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_sites(model) -> set:
+    import re
+
+    return {re.search(r"\.layers\.(\d+)\.\w+\.(\w+_proj)\.lora_A", n).groups() for n, _ in model.named_parameters() if "lora_A" in n}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_recurrent_only_lora_sits_on_the_recurrent_layer_of_the_whole_pruned_stack(arch):
+    from peft import get_peft_model
+
+    from ouroboros_peft import OuroborosConfig
+    from ouroboros_train.pruned import build_pruned_lora, lora_trainable_params, pruned_stack_of
+
+    model = build_pruned_lora(tiny_model(arch), STATIC, lora_layers="recurrent")
+    assert lora_sites(model) == {("3", proj) for proj in PROJECTIONS}
+    target = sum(p.numel() for p in get_peft_model(tiny_model(arch), OuroborosConfig(**STATIC)).parameters() if p.requires_grad)
+    assert abs(lora_trainable_params(model) - target) <= 0.05 * target and model.pruned_lora_plan.r == 16
+    ran = []
+    stack = pruned_stack_of(model)
+    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, layer in enumerate(stack.all_layers)]
+    with torch.no_grad():
+        model(input_ids=torch.randint(4, 96, (1, SEQ), generator=torch.Generator().manual_seed(0)))
+    for h in hooks:
+        h.remove()
+    assert ran == [0, 3, 5]  # the prelude and coda run too, without a LoRA
+
+
+def test_a_budget_one_layer_cannot_hold_is_refused_naming_the_rank():
+    from ouroboros_train.pruned import pruned_lora_plan
+
+    # the tiny Controller arm's ~205k parameters would need rank 100 on one layer whose k/v projections are 64 wide
+    with pytest.raises(ValueError, match="needs rank 100 on 1 layer\\(s\\) \\(recurrent\\) but the narrowest adapted projection has 64"):
+        pruned_lora_plan(tiny_model("llama"), SPLIT, lora_layers="recurrent")
+    with pytest.raises(ValueError, match="lora_layers \\(--lora-layers\\) must be one of \\['kept', 'recurrent'\\], got 'coda'"):
+        pruned_lora_plan(tiny_model("llama"), SPLIT, lora_layers="coda")
+    assert pruned_lora_plan(tiny_model("llama"), SPLIT).adapted == (0, 3, 5)  # spread over three layers it fits (rank 33)
 
 
 def test_no_rank_within_5_percent_is_refused():
@@ -203,6 +262,74 @@ def test_a_saved_adapter_is_refused_on_another_base(base_dir, text_file, tmp_pat
     assert loaded.pruned_lora_plan == model.pruned_lora_plan
 
 
+def test_recurrent_only_arm_trains_saves_and_loads_as_itself(base_dir, text_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from ouroboros_train.pruned import load_pruned_lora
+    from ouroboros_train.train import TrainConfig, train
+
+    cfg = TrainConfig(base=str(base_dir), out=str(tmp_path / "run"), adapter=dict(STATIC), train_text=str(text_file), seq_len=SEQ,
+                      batch_size=2, max_updates=1, lr=1e-2, warmup=0, progress=False, method="pruned_lora",
+                      lora_layers="recurrent")
+    result = train(cfg)
+    adapter = tmp_path / "run" / "adapter"
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    assert len(saved) == 14 and all(".layers.3." in k for k in saved)  # A and B of seven projections, one layer
+    assert any(float(v.abs().max()) > 0 for k, v in saved.items() if "lora_B" in k)  # it trained
+    record = json.loads((adapter / "pruned_stack.json").read_text())["plan"]
+    assert record["kept"] == [0, 3, 5] and record["lora_layers"] == [3] and record["r"] == 16
+    assert result.summary["pruned_lora"]["lora_layers"] == [3]
+    loaded = load_pruned_lora(tiny_model("llama"), adapter)
+    assert loaded.pruned_lora_plan == result.model.pruned_lora_plan
+    ids = torch.randint(4, 96, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    result.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, result.model(input_ids=ids).logits, atol=1e-6)
+
+
+def test_a_record_from_before_lora_layers_loads_with_every_kept_layer_adapted(tmp_path):
+    from ouroboros_train.pruned import PRUNED_STACK_FILE, build_pruned_lora, load_pruned_lora, save_stack_record
+
+    model = build_pruned_lora(tiny_model("llama"), SPLIT)
+    model.save_pretrained(str(tmp_path / "a"))
+    save_stack_record(model, tmp_path / "a")
+    path = tmp_path / "a" / PRUNED_STACK_FILE
+    record = json.loads(path.read_text())
+    del record["plan"]["lora_layers"]
+    path.write_text(json.dumps(record))
+    loaded = load_pruned_lora(tiny_model("llama"), tmp_path / "a")
+    assert loaded.pruned_lora_plan.adapted == (0, 3, 5) and lora_sites(loaded) == lora_sites(model)
+
+
+@pytest.mark.parametrize("lora_layers", [[2], [3, 9]], ids=["a removed layer", "beyond the model"])
+def test_a_record_that_adapts_a_layer_it_does_not_run_is_refused(tmp_path, lora_layers):
+    from ouroboros_train.pruned import PRUNED_STACK_FILE, build_pruned_lora, load_pruned_lora, save_stack_record
+
+    model = build_pruned_lora(tiny_model("llama"), STATIC, lora_layers="recurrent")
+    model.save_pretrained(str(tmp_path / "a"))
+    save_stack_record(model, tmp_path / "a")
+    path = tmp_path / "a" / PRUNED_STACK_FILE
+    record = json.loads(path.read_text())
+    record["plan"]["lora_layers"] = lora_layers
+    path.write_text(json.dumps(record))
+    base = tiny_model("llama")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match="bad plan \\(LoRA on layers .* not all of them kept \\[0, 3, 5\\]\\)"):
+        load_pruned_lora(base, tmp_path / "a")
+    assert not hasattr(base, "peft_config") and all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="pruned_lora", lora_layers="coda"), "lora_layers (--lora-layers) must be one of ['kept', 'recurrent'], got 'coda'"),
+    (dict(lora_layers="recurrent"), "lora_layers (--lora-layers) 'recurrent' places the LoRA of method pruned_lora"),
+])
+def test_train_config_refuses_a_bad_lora_placement(tmp_path, kwargs, message):
+    from ouroboros_train.train import TrainConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(base=str(tmp_path), out=str(tmp_path / "run"), adapter=dict(SPLIT), **kwargs)
+
+
 # ----------------------------------------------------------------------------------------------------
 # ouroboros eval, evals/study.py
 # ----------------------------------------------------------------------------------------------------
@@ -245,7 +372,9 @@ def test_study_quality_experiment_trains_and_scores_pruned_lora_beside_the_contr
     study = load_script("study", Path(__file__).resolve().parents[1] / "evals" / "study.py")
     arms = study.experiments(False, {"distill_weight": 0.25})["quality"]
     assert set(arms) == {"controller", "static", "controller_kd", "static_kd", "controller_coda_r8_kd", "pruned_lora", "pruned_lora_kd",
-                         "controller_paper_head", "controller_alpha16"}
+                         "pruned_lora_recurrent_kd", "controller_paper_head", "controller_alpha16"}
+    assert arms["pruned_lora_recurrent_kd"][1] == {"method": "pruned_lora", "lora_layers": "recurrent", "distill": True,
+                                                   "distill_weight": 0.25}
     assert arms["controller_paper_head"][0] == {"controller_head": "paper"} and arms["controller_alpha16"][0] == {"lora_alpha": 16.0}
     assert arms["pruned_lora_kd"][1] == {"method": "pruned_lora", "distill": True, "distill_weight": 0.25}
     monkeypatch.setenv("OUROBOROS_CACHE", str(tmp_path / "cache"))

@@ -45,7 +45,8 @@ def cmd_train(args) -> int:
         cfg = TrainConfig.from_json(read_json(stored))
         # the loss is the run's: a distillation flag that contradicts it is refused rather than ignored
         for flag, name in (("--distill", "distill"), ("--distill-weight", "distill_weight"),
-                           ("--distill-temperature", "distill_temperature"), ("--method", "method"), ("--lora-r", "lora_r")):
+                           ("--distill-temperature", "distill_temperature"), ("--method", "method"), ("--lora-r", "lora_r"),
+                           ("--lora-layers", "lora_layers")):
             asked = getattr(args, name)
             if asked is not None and asked != getattr(cfg, name):
                 raise ValueError(f"{flag}: the run in {args.out} was trained with {name} = {getattr(cfg, name)!r}, asked "
@@ -69,6 +70,8 @@ def cmd_train(args) -> int:
                 raise ValueError(f"{flag} sets the distillation loss, which --no-distill turns off")
         if args.lora_r is not None and args.method != "pruned_lora":
             raise ValueError("--lora-r is the rank of --method pruned_lora (an Ouroboros adapter's rank is --rank)")
+        if args.lora_layers is not None and args.method != "pruned_lora":
+            raise ValueError("--lora-layers places the LoRA of --method pruned_lora (an Ouroboros adapter's layers are its split)")
         cfg = TrainConfig(
             base=args.base,
             out=args.out,
@@ -97,6 +100,7 @@ def cmd_train(args) -> int:
             threads=args.threads,
             method=args.method or "ouroboros",
             lora_r=args.lora_r,
+            lora_layers=args.lora_layers or "kept",
             distill=args.distill is not False,  # on unless --no-distill
             distill_weight=0.5 if args.distill_weight is None else args.distill_weight,
             distill_temperature=1.0 if args.distill_temperature is None else args.distill_temperature,
@@ -147,7 +151,10 @@ def ouroboros_register_commands(subparsers):
                    "recurrent layer once + coda as a plain model with a standard PEFT LoRA on all seven projections of every "
                    "kept layer, rank matched (within 5 %%) to the trainable parameters of the Ouroboros adapter the options "
                    "above describe")
-    g.add_argument("--lora-r", type=int, default=None, help="pruned_lora: one LoRA rank for every kept layer instead of the matched one")
+    g.add_argument("--lora-r", type=int, default=None, help="pruned_lora: one LoRA rank for every adapted layer instead of the matched one")
+    g.add_argument("--lora-layers", choices=["kept", "recurrent"], default=None,
+                   help="pruned_lora: the LoRA on every kept layer (default) or on the recurrent layer alone, rank matched "
+                   "to the same budget")
     g.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
                    help="distil from the full model (the default; --no-distill: cross-entropy alone): loss = (1 - W) * CE + "
                    "W * T^2 * KL(full || trained) on the next-token distributions; the teacher is the same model with the "

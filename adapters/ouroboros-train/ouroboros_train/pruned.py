@@ -21,6 +21,11 @@ uniform rank lands within 5 % (SmolLM2-135M at the default split: r 6 is 6.0 % u
 layers get rank r + 1 through PEFT's own `rank_pattern` (whole layers, evenly spaced), which is still a plain
 `LoraConfig`.
 
+Where the LoRA sits (`lora_layers`): "kept" (the default, the issue's baseline) puts it on every kept layer;
+"recurrent" on the recurrent layer alone, at the rank that matches the same budget. The second is not what a
+practitioner would pick; it is the control that tells the two differences from an Ouroboros arm apart: where the
+trainable update sits (one layer vs fifteen) and how often that layer runs (once vs num_steps times, modulated).
+
 The saved adapter is an ordinary PEFT LoRA adapter of the *whole* base model (keys name the original layer
 indices) plus `pruned_stack.json` (which layers run, the split, the rank plan and the base fingerprint of the kept
 weights); `load_pruned_lora(base, folder)` puts both back.
@@ -39,6 +44,7 @@ from torch import nn
 
 PRUNED_STACK_FILE = "pruned_stack.json"
 PARAM_TOLERANCE = 0.05  # the issue's "within 5 %" of the matched arm's trainable parameters
+LORA_LAYERS = ("kept", "recurrent")  # which kept layers carry the LoRA: all of them, or the recurrent layer alone
 STACK_ATTRIBUTE = "ouroboros_pruned_stack"  # where the causal LM keeps its PrunedStack
 
 
@@ -143,12 +149,20 @@ class PrunedLoraPlan:
     target_params: int = 0  # trainable parameters of the matched Ouroboros adapter
     trainable_params: int = 0  # of this LoRA
     targets: tuple = field(default_factory=tuple)
+    lora_layers: tuple = ()  # the layers (original indices) with a LoRA; () = every kept layer (records before the field)
 
     @property
     def relative_difference(self) -> float:
         return (self.trainable_params - self.target_params) / self.target_params if self.target_params else 0.0
 
+    @property
+    def adapted(self) -> tuple:
+        """The kept layers that carry a LoRA."""
+        return tuple(self.lora_layers) or tuple(self.kept)
+
     def rank_of(self, layer: int) -> int:
+        if layer not in self.adapted:
+            return 0
         return self.r + (1 if layer in self.raised else 0)
 
     def to_json(self) -> dict:
@@ -157,11 +171,11 @@ class PrunedLoraPlan:
         return json.loads(json.dumps(out))
 
     def lora_config(self):
-        """The standard PEFT LoraConfig: all target projections of the kept layers, scale 1 (alpha = rank)."""
+        """The standard PEFT LoraConfig: all target projections of the adapted layers, scale 1 (alpha = rank)."""
         from peft import LoraConfig
 
         patterns = {rf"layers\.{i}\.\w+\.\w+": self.r + 1 for i in self.raised}
-        return LoraConfig(r=self.r, lora_alpha=self.r, target_modules=list(self.targets), layers_to_transform=list(self.kept),
+        return LoraConfig(r=self.r, lora_alpha=self.r, target_modules=list(self.targets), layers_to_transform=list(self.adapted),
                           layers_pattern="layers", rank_pattern=dict(patterns), alpha_pattern=dict(patterns), lora_dropout=0.0,
                           bias="none", task_type="CAUSAL_LM")
 
@@ -206,11 +220,14 @@ def match_rank(per_rank: list, target: int, tolerance: float = PARAM_TOLERANCE) 
     return rank, positions
 
 
-def pruned_lora_plan(model, adapter_options: Mapping, r: Optional[int] = None) -> PrunedLoraPlan:
+def pruned_lora_plan(model, adapter_options: Mapping, r: Optional[int] = None, lora_layers: str = "kept") -> PrunedLoraPlan:
     """The pruned_lora arm for `model` (a transformers causal LM; the meta device is enough): the kept layers of the
-    split in `adapter_options` (OuroborosConfig fields: num_prelude_layers, num_coda_layers, recurrent_layer_index)
-    and the LoRA rank: `r` on every layer when given, else matched to the trainable parameters of the Ouroboros
-    adapter `adapter_options` describes (within 5 %)."""
+    split in `adapter_options` (OuroborosConfig fields: num_prelude_layers, num_coda_layers, recurrent_layer_index),
+    the layers that carry the LoRA (`lora_layers`: "kept" = all of them, "recurrent" = the recurrent layer alone)
+    and the LoRA rank: `r` on every adapted layer when given, else matched to the trainable parameters of the
+    Ouroboros adapter `adapter_options` describes (within 5 %)."""
+    if lora_layers not in LORA_LAYERS:
+        raise ValueError(f"lora_layers (--lora-layers) must be one of {list(LORA_LAYERS)}, got {lora_layers!r}")
     from ouroboros_plugins import DEFAULT_TARGETS, OuroborosSpec, find_backbone, plan_for
 
     fields = {k: adapter_options[k] for k in OuroborosSpec.__dataclass_fields__ if k in adapter_options}
@@ -219,11 +236,14 @@ def pruned_lora_plan(model, adapter_options: Mapping, r: Optional[int] = None) -
     layers = backbone.layers(decoder)
     plan = plan_for(backbone, model.config, decoder, OuroborosSpec(**fields))
     kept = plan.prelude + (plan.recurrent,) + plan.coda
+    adapted = kept if lora_layers == "kept" else (plan.recurrent,)
     targets = tuple(DEFAULT_TARGETS)
-    per_rank = []
-    for i in kept:
-        shapes = backbone.projection_shapes(layers[i])
-        per_rank.append(sum(d_out + d_in for name, (d_out, d_in) in shapes.items() if name in targets))
+    per_rank, sides = [], []  # parameters one rank costs per adapted layer; the smaller side of each projection
+    for i in adapted:
+        shapes = [dims for name, dims in backbone.projection_shapes(layers[i]).items() if name in targets]
+        per_rank.append(sum(d_out + d_in for d_out, d_in in shapes))
+        sides += [min(dims) for dims in shapes]
+    narrowest = min(sides)
     target = ouroboros_trainable_params(model, adapter_options)
     if r is not None:
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
@@ -231,11 +251,16 @@ def pruned_lora_plan(model, adapter_options: Mapping, r: Optional[int] = None) -
         positions = ()
     else:
         r, positions = match_rank(per_rank, target)
-    raised = tuple(kept[p] for p in positions)
+    top = r + (1 if positions else 0)
+    if top > narrowest:  # a rank above a projection's smaller side adds parameters, not capacity: not equal-budget
+        raise ValueError(f"the LoRA needs rank {top} on {len(adapted)} layer(s) ({lora_layers}) but the narrowest adapted "
+                         f"projection has {narrowest} features, so part of the budget could not be used; adapt more "
+                         f"layers or give a smaller lora_r (--lora-r)")
+    raised = tuple(adapted[p] for p in positions)
     count = r * sum(per_rank) + sum(per_rank[p] for p in positions)
     return PrunedLoraPlan(kept=kept, num_prelude_layers=len(plan.prelude), recurrent_layer_index=plan.recurrent,
                           num_coda_layers=len(plan.coda), r=r, raised=raised, target_params=target, trainable_params=count,
-                          targets=targets)
+                          targets=targets, lora_layers=() if lora_layers == "kept" else adapted)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -268,12 +293,13 @@ def kept_fingerprint(model, plan: PrunedLoraPlan) -> dict:
     return fingerprint(backbone, model.config, decoder, layer_plan, model.get_output_embeddings())
 
 
-def build_pruned_lora(base_model, adapter_options: Mapping, r: Optional[int] = None):
+def build_pruned_lora(base_model, adapter_options: Mapping, r: Optional[int] = None, lora_layers: str = "kept"):
     """PEFT-wrap `base_model` (modified in place) with the pruned_lora arm: a LoRA on every target projection of the
-    kept layers, the pruned stack attached. Returns the PeftModel; `model.pruned_lora_plan` says what it is."""
+    adapted layers (`lora_layers`), the pruned stack attached. Returns the PeftModel; `model.pruned_lora_plan` says
+    what it is."""
     from peft import get_peft_model
 
-    plan = pruned_lora_plan(base_model, adapter_options, r)
+    plan = pruned_lora_plan(base_model, adapter_options, r, lora_layers)
     base_fingerprint = kept_fingerprint(base_model, plan)
     model = get_peft_model(base_model, plan.lora_config())
     got = lora_trainable_params(model)
@@ -308,6 +334,9 @@ def read_stack_record(folder) -> dict:
     except TypeError as exc:
         raise ValueError(f"{path}: bad plan ({exc})") from None
     plan.kept, plan.raised, plan.targets = tuple(plan.kept), tuple(plan.raised), tuple(plan.targets)
+    plan.lora_layers = tuple(plan.lora_layers)
+    if not set(plan.adapted) <= set(plan.kept):
+        raise ValueError(f"{path}: bad plan (LoRA on layers {list(plan.adapted)}, not all of them kept {list(plan.kept)})")
     return {"plan": plan, "base_fingerprint": data.get("base_fingerprint")}
 
 

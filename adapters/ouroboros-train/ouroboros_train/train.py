@@ -74,6 +74,7 @@ ADAPTER_DEFAULTS = dict(num_prelude_layers=7, num_coda_layers=7, num_steps=4, r=
 # beside another job; the loss curve then matches to float rounding, not bit for bit). Everything else must match.
 RESUME_FREE_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_chunks", "progress", "threads")
 METHODS = ("ouroboros", "pruned_lora")
+LORA_LAYERS = ("kept", "recurrent")  # ouroboros_train.pruned.LORA_LAYERS, without importing peft here
 
 
 @dataclass
@@ -135,7 +136,13 @@ class TrainConfig:
     )
     lora_r: Optional[int] = field(
         default=None,
-        metadata={"help": "pruned_lora only: one LoRA rank for every kept layer instead of the matched one"},
+        metadata={"help": "pruned_lora only: one LoRA rank for every adapted layer instead of the matched one"},
+    )
+    lora_layers: str = field(
+        default="kept",
+        metadata={"help": "pruned_lora only: which kept layers carry the LoRA, 'kept' (all of them: the practitioner's "
+                  "baseline) or 'recurrent' (the recurrent layer alone, the control that separates where the update "
+                  "sits from how often its layer runs)"},
     )
     distill: bool = field(
         default=True,
@@ -195,8 +202,13 @@ class TrainConfig:
                 raise ValueError("depth_range (--sample-depth) needs an Ouroboros adapter; method pruned_lora has no recurrence")
             if self.lora_r is not None and (isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 1):
                 raise ValueError(f"lora_r (--lora-r) must be an integer >= 1 or None (matched), got {self.lora_r!r}")
+            if self.lora_layers not in LORA_LAYERS:
+                raise ValueError(f"lora_layers (--lora-layers) must be one of {list(LORA_LAYERS)}, got {self.lora_layers!r}")
         elif self.lora_r is not None:
             raise ValueError("lora_r (--lora-r) is the rank of method pruned_lora; an Ouroboros adapter's rank is adapter r (--rank)")
+        elif self.lora_layers != "kept":
+            raise ValueError(f"lora_layers (--lora-layers) {self.lora_layers!r} places the LoRA of method pruned_lora; an "
+                             "Ouroboros adapter's layers are its split")
 
     @property
     def sequences_per_update(self) -> int:
@@ -587,7 +599,7 @@ def _build(cfg: TrainConfig, base_model, tokenizer):
     if cfg.method == "pruned_lora":
         from .pruned import build_pruned_lora
 
-        model = build_pruned_lora(base_model, cfg.adapter, cfg.lora_r)
+        model = build_pruned_lora(base_model, cfg.adapter, cfg.lora_r, cfg.lora_layers)
     else:
         model = build_model(base_model, cfg.adapter)
     spec = model.peft_config["default"]
