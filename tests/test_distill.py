@@ -294,7 +294,8 @@ def test_cli_resume_keeps_the_distillation_and_refuses_a_contradicting_flag(base
     # the same run cut after update 3 (checkpoint at 2), then resumed by the CLI with no distillation flag
     cfg = cut_copy(tmp_path / "full", tmp_path / "cut", after=3)
     before = (tmp_path / "cut" / "log.jsonl").read_text()
-    for flag, value in (("--distill-weight", "0.5"), ("--distill-temperature", "1"), ("--method", "pruned_lora")):
+    for flag, value in (("--distill-weight", "0.5"), ("--distill-temperature", "1"), ("--method", "pruned_lora"),
+                        ("--lora-layers", "recurrent")):
         assert main(["train", "--out", str(tmp_path / "cut"), "--resume", flag, value]) == 2
         assert flag in capsys.readouterr().err
         assert (tmp_path / "cut" / "log.jsonl").read_text() == before
