@@ -395,14 +395,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_distil_what_one_process_distils(base_dir, text_file, tmp_path):
+@pytest.mark.parametrize("method", [[], ["--method", "pruned_lora"], ["--method", "pruned_lora", "--lora-layers", "recurrent",
+                                                                      "--modulation", "static"]],
+                         ids=["ouroboros", "pruned_lora", "pruned_lora_recurrent"])
+def test_two_processes_distil_what_one_process_distils(base_dir, text_file, tmp_path, method):
     """torchrun -n 2 --batch-size 1 == one process --batch-size 2 with --distill: the teacher forward runs on the
-    unwrapped model (not through DDP) and the loss is normalised over the global batch."""
+    unwrapped model (not through DDP; for pruned_lora the whole unpruned base) and the loss is normalised over the
+    global batch."""
     exe = str(Path(sys.executable).with_name("ouroboros"))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                 "--master-port", str(free_port()), "--no-python", exe]
-    extra = ["--distill", "--threads", "1", "--grad-accum", "2", "--updates", "3"]
+    extra = ["--distill", "--threads", "1", "--grad-accum", "2", "--updates", "3", *method]
     one = subprocess.run([exe] + cli_args(base_dir, text_file, tmp_path / "one", *extra, batch_size=2), capture_output=True,
                          text=True, timeout=240, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -415,4 +419,8 @@ def test_two_processes_distil_what_one_process_distils(base_dir, text_file, tmp_
     from safetensors.torch import load_file
 
     ta, tb = (load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in ("one", "two"))
-    assert max(float((ta[k] - tb[k]).abs().max()) for k in ta) <= 1e-4
+    assert ta.keys() == tb.keys() and max(float((ta[k] - tb[k]).abs().max()) for k in ta) <= 1e-4
+    stack = tmp_path / "two" / "adapter" / "pruned_stack.json"  # each run is the method asked for
+    assert stack.is_file() == bool(method)
+    if "recurrent" in method:
+        assert json.loads(stack.read_text())["plan"]["lora_layers"] == [3] and all(".layers.3." in k for k in tb)
