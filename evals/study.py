@@ -26,13 +26,14 @@ Experiments
     distill_sweep  controller without distillation and distilled at weight W in {0.5, 1} x temperature T in {1, 2}
                 (arms controller_kd_w<W>_t<T>; W 1 is pure distillation)
     quality     issue 19: controller and static with and without distillation from the full model (`_kd`: --distill,
-                weight and temperature from --distill-weight / --distill-temperature), controller with the coda LoRA
-                distilled, and the practitioner's baseline pruned_lora (the same 7 + 1 + 7 layers as a plain model with
-                a standard PEFT LoRA on all seven projections of every kept layer, rank matched to the controller
-                arm's trainable parameters within 5 %), with and without distillation (its teacher: the unpruned base),
-                and pruned_lora_recurrent_kd (the same budget on the recurrent layer alone: the control that separates
-                where the trainable update sits from how often its layer runs); and the deviations from the paper beside controller: controller_paper_head (SiLU(Linear(pooled)) on
-                the raw stream) and controller_alpha16 (lora_alpha 16 at r 32, scale 0.5)
+                weight and temperature from --distill-weight / --distill-temperature); controller_kd_w1 (the KL alone,
+                weight 1); controller with the coda LoRA distilled; the practitioner's baseline pruned_lora (the same
+                7 + 1 + 7 layers as a plain model with a standard PEFT LoRA on all seven projections of every kept
+                layer, rank matched to the controller arm's trainable parameters within 5 %), with and without
+                distillation (its teacher: the unpruned base); pruned_lora_recurrent_kd (the same budget on the
+                recurrent layer alone: the control that separates where the trainable update sits from how often its
+                layer runs); and the deviations from the paper beside controller: controller_paper_head
+                (SiLU(Linear(pooled)) on the raw stream) and controller_alpha16 (lora_alpha 16 at r 32, scale 0.5)
 
 Example (the headline at the anchors' budget, 221 updates of 4 x 256 tokens):
     python evals/study.py headline --updates 221 --batch-size 4 --chunks 64 --save
@@ -143,6 +144,8 @@ def experiments(with_static: bool, distill: dict | None = None) -> dict:
             "controller_kd": ({}, dict(kd)),
             "static_kd": (dict(modulation="static"), dict(kd)),
             "controller_coda_r8_kd": (dict(coda_lora_r=8), dict(kd)),
+            # the sweep's best setting out of distribution (W 1: the KL alone) at this budget
+            "controller_kd_w1": ({}, {**kd, "distill_weight": 1.0}),
             # the adapter options (the split; the controller arm's defaults) set the parameter budget the LoRA matches
             "pruned_lora": ({}, dict(method="pruned_lora")),
             "pruned_lora_kd": ({}, dict(method="pruned_lora", **kd)),

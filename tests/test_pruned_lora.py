@@ -371,12 +371,13 @@ def test_cli_trains_and_eval_scores_the_arm_as_the_pruned_stack_it_was_trained_a
 def test_study_quality_experiment_trains_and_scores_pruned_lora_beside_the_controller(tmp_path, monkeypatch):
     study = load_script("study", Path(__file__).resolve().parents[1] / "evals" / "study.py")
     arms = study.experiments(False, {"distill_weight": 0.25})["quality"]
-    assert set(arms) == {"controller", "static", "controller_kd", "static_kd", "controller_coda_r8_kd", "pruned_lora", "pruned_lora_kd",
-                         "pruned_lora_recurrent_kd", "controller_paper_head", "controller_alpha16"}
+    assert set(arms) == {"controller", "static", "controller_kd", "static_kd", "controller_coda_r8_kd", "controller_kd_w1", "pruned_lora",
+                         "pruned_lora_kd", "pruned_lora_recurrent_kd", "controller_paper_head", "controller_alpha16"}
     assert arms["pruned_lora_recurrent_kd"][1] == {"method": "pruned_lora", "lora_layers": "recurrent", "distill": True,
                                                    "distill_weight": 0.25}
     assert arms["controller_paper_head"][0] == {"controller_head": "paper"} and arms["controller_alpha16"][0] == {"lora_alpha": 16.0}
     assert arms["pruned_lora_kd"][1] == {"method": "pruned_lora", "distill": True, "distill_weight": 0.25}
+    assert arms["controller_kd_w1"] == ({}, {"distill": True, "distill_weight": 1.0})  # W 1 whatever --distill-weight says
     monkeypatch.setenv("OUROBOROS_CACHE", str(tmp_path / "cache"))
     save_base(tmp_path / "base", "llama")
     text = write_word_text(tmp_path / "train.txt")
