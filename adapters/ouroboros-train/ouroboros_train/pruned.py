@@ -160,11 +160,6 @@ class PrunedLoraPlan:
         """The kept layers that carry a LoRA."""
         return tuple(self.lora_layers) or tuple(self.kept)
 
-    def rank_of(self, layer: int) -> int:
-        if layer not in self.adapted:
-            return 0
-        return self.r + (1 if layer in self.raised else 0)
-
     def to_json(self) -> dict:
         out = asdict(self)
         out["relative_difference"] = self.relative_difference
