@@ -113,8 +113,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def lora_sites(model) -> set:
-    import re
-
+    """(layer index, projection) of every LoRA in `model`."""
     return {re.search(r"\.layers\.(\d+)\.\w+\.(\w+_proj)\.lora_A", n).groups() for n, _ in model.named_parameters() if "lora_A" in n}
 
 
@@ -194,10 +193,7 @@ def test_the_model_runs_exactly_prelude_recurrent_once_coda_and_starts_as_the_pr
         model(input_ids=torch.full((1, 4), 1000))
     assert stack.decoder.layers is stack.all_layers
     # the LoRA: all seven projections of exactly the kept layers
-    import re
-
-    lora = {re.search(r"\.layers\.(\d+)\.\w+\.(\w+_proj)\.lora_A", n).groups() for n, _ in model.named_parameters() if "lora_A" in n}
-    assert lora == {(i, proj) for i in ("0", "3", "5") for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+    assert lora_sites(model) == {(i, proj) for i in ("0", "3", "5") for proj in PROJECTIONS}
 
 
 def test_one_training_step_changes_only_the_lora_weights(base_dir, text_file, tmp_path):
@@ -287,31 +283,33 @@ def test_recurrent_only_arm_trains_saves_and_loads_as_itself(base_dir, text_file
         assert torch.allclose(loaded(input_ids=ids).logits, result.model(input_ids=ids).logits, atol=1e-6)
 
 
+def save_with_edited_plan(model, folder, edit) -> None:
+    """Save a pruned_lora model as training does (adapter + pruned_stack.json), then apply `edit` to the record's plan."""
+    from ouroboros_train.pruned import PRUNED_STACK_FILE, save_stack_record
+
+    model.save_pretrained(str(folder))
+    save_stack_record(model, folder)
+    path = Path(folder) / PRUNED_STACK_FILE
+    record = json.loads(path.read_text())
+    edit(record["plan"])
+    path.write_text(json.dumps(record))
+
+
 def test_a_record_from_before_lora_layers_loads_with_every_kept_layer_adapted(tmp_path):
-    from ouroboros_train.pruned import PRUNED_STACK_FILE, build_pruned_lora, load_pruned_lora, save_stack_record
+    from ouroboros_train.pruned import build_pruned_lora, load_pruned_lora
 
     model = build_pruned_lora(tiny_model("llama"), SPLIT)
-    model.save_pretrained(str(tmp_path / "a"))
-    save_stack_record(model, tmp_path / "a")
-    path = tmp_path / "a" / PRUNED_STACK_FILE
-    record = json.loads(path.read_text())
-    del record["plan"]["lora_layers"]
-    path.write_text(json.dumps(record))
+    save_with_edited_plan(model, tmp_path / "a", lambda plan: plan.pop("lora_layers"))
     loaded = load_pruned_lora(tiny_model("llama"), tmp_path / "a")
     assert loaded.pruned_lora_plan.adapted == (0, 3, 5) and lora_sites(loaded) == lora_sites(model)
 
 
 @pytest.mark.parametrize("lora_layers", [[2], [3, 9]], ids=["a removed layer", "beyond the model"])
 def test_a_record_that_adapts_a_layer_it_does_not_run_is_refused(tmp_path, lora_layers):
-    from ouroboros_train.pruned import PRUNED_STACK_FILE, build_pruned_lora, load_pruned_lora, save_stack_record
+    from ouroboros_train.pruned import build_pruned_lora, load_pruned_lora
 
     model = build_pruned_lora(tiny_model("llama"), STATIC, lora_layers="recurrent")
-    model.save_pretrained(str(tmp_path / "a"))
-    save_stack_record(model, tmp_path / "a")
-    path = tmp_path / "a" / PRUNED_STACK_FILE
-    record = json.loads(path.read_text())
-    record["plan"]["lora_layers"] = lora_layers
-    path.write_text(json.dumps(record))
+    save_with_edited_plan(model, tmp_path / "a", lambda plan: plan.update(lora_layers=lora_layers))
     base = tiny_model("llama")
     before = {k: v.clone() for k, v in base.state_dict().items()}
     with pytest.raises(ValueError, match="bad plan \\(LoRA on layers .* not all of them kept \\[0, 3, 5\\]\\)"):

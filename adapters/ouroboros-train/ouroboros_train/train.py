@@ -51,6 +51,7 @@ from ouroboros_plugins.atomic import atomic_dir, write_json, write_jsonl
 from ouroboros_peft.calibration import active_ouroboros, calibrate_step_norms
 
 from .callback import DivergenceCallback, OuroborosCallback, TrainingDiverged, depth_at
+from .pruned import LORA_LAYERS  # torch only at import time; peft is imported where a LoRA is built
 from .run_folder import (DiskFull, checkpoint_problem, checkpoints, is_disk_full, last_checkpoint, read_json, read_log,
                          resume_checkpoint)
 
@@ -74,7 +75,6 @@ ADAPTER_DEFAULTS = dict(num_prelude_layers=7, num_coda_layers=7, num_steps=4, r=
 # beside another job; the loss curve then matches to float rounding, not bit for bit). Everything else must match.
 RESUME_FREE_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_chunks", "progress", "threads")
 METHODS = ("ouroboros", "pruned_lora")
-LORA_LAYERS = ("kept", "recurrent")  # ouroboros_train.pruned.LORA_LAYERS, without importing peft here
 
 
 @dataclass
